@@ -1,0 +1,1 @@
+"""Pure graph analyses and rewrites: load, solve permutation spaces, partition, fold."""

@@ -1,0 +1,148 @@
+"""Assemble the three party graphs (pre, server, post) with the permutations folded into their constants."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from stip.passes.graph import Graph
+from stip.passes.partition import Partition
+from stip.passes.permute import Permutations, fold, inverse
+from stip.passes.solve import Solution, use_key
+
+SERVER_SUFFIX = ".stip_server"
+KEY_ID_PROP = "stip.key_id"
+ROLE_PROP = "stip.role"
+
+
+@dataclass
+class Bundle:
+    pre: onnx.ModelProto
+    server: onnx.ModelProto
+    post: onnx.ModelProto
+
+
+def server_output_name(name: str) -> str:
+    return name + SERVER_SUFFIX
+
+
+def _value_info(g: Graph, name: str, new_name: str | None = None) -> onnx.ValueInfoProto:
+    for vi in list(g.model.graph.input) + list(g.model.graph.output):
+        if vi.name == name:
+            out = onnx.ValueInfoProto()
+            out.CopyFrom(vi)
+            out.name = new_name or name
+            return out
+    dims = g.shapes.get(name)
+    return helper.make_tensor_value_info(new_name or name, g.dtypes.get(name, TensorProto.FLOAT), dims)
+
+
+class _ConstantFolder:
+    """Gives each constant use its permuted copy, sharing copies between uses that need the same permutation."""
+
+    def __init__(self, g: Graph, sol: Solution, perms: Permutations, progress: Callable[[], None] | None):
+        self.g, self.sol, self.perms = g, sol, perms
+        self.made: dict[tuple, str] = {}
+        self.initializers: list[onnx.TensorProto] = []
+        self.progress = progress
+
+    def name_for(self, name: str, idx: int, j: int) -> str:
+        value = self.g.constants[name]
+        classes = self.sol.classes(use_key(name, idx, j), value.ndim)
+        sig = (name, tuple(None if (c is None or value.shape[a] == 1) else c for a, c in enumerate(classes)))
+        if sig in self.made:
+            return self.made[sig]
+        permuted = any(c is not None for c in sig[1])
+        new = f"{name}.p{len(self.made)}" if permuted else name
+        arr = fold(value, list(sig[1]), self.perms) if permuted else value
+        self.initializers.append(numpy_helper.from_array(arr, new))
+        self.made[sig] = new
+        if self.progress:
+            self.progress()
+        return new
+
+
+def _subgraph(g, sol, perms, node_ids, inputs, outputs, name, progress=None) -> onnx.ModelProto:
+    folder = _ConstantFolder(g, sol, perms, progress)
+    nodes = []
+    for idx in node_ids:
+        src = g.model.graph.node[idx]
+        n = onnx.NodeProto()
+        n.CopyFrom(src)
+        for j, x in enumerate(src.input):
+            if x in g.constants:
+                n.input[j] = folder.name_for(x, idx, j)
+        nodes.append(n)
+    graph = helper.make_graph(nodes, name, inputs, outputs, folder.initializers)
+    m = helper.make_model(graph, opset_imports=list(g.model.opset_import), producer_name="stip")
+    m.ir_version = g.model.ir_version
+    return m
+
+
+def _rename_outputs(nodes: list[onnx.NodeProto], renames: dict[str, str]) -> None:
+    for n in nodes:
+        n.output[:] = [renames.get(o, o) for o in n.output]
+        n.input[:] = [renames.get(x, x) for x in n.input]
+
+
+def _unpermute_nodes(g: Graph, sol: Solution, perms: Permutations, src: str, dst: str):
+    """Gather nodes that undo the permutation of each permuted axis of one output tensor."""
+    rank = len(g.shapes.get(dst, []))
+    classes = sol.classes(dst, rank)
+    nodes, inits = [], []
+    cur = src
+    steps = [(a, c) for a, c in enumerate(classes) if c is not None]
+    if not steps:
+        nodes.append(helper.make_node("Identity", [src], [dst], name=f"unpermute_{dst}"))
+        return nodes, inits
+    for k, (a, c) in enumerate(steps):
+        idx_name = f"{dst}.inverse{a}"
+        inits.append(numpy_helper.from_array(inverse(perms.vector(c)).astype(np.int64), idx_name))
+        out = dst if k == len(steps) - 1 else f"{dst}.unpermuted{a}"
+        nodes.append(helper.make_node("Gather", [cur, idx_name], [out], axis=a, name=f"unpermute_{dst}_axis{a}"))
+        cur = out
+    return nodes, inits
+
+
+def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id: str,
+          progress: Callable[[], None] | None = None) -> Bundle:
+    graph_inputs = {i.name for i in g.model.graph.input}
+    nodes = g.model.graph.node
+
+    # pre: private inputs (and any other input it needs) -> crossing tensors
+    pre_needed = {x for i in part.pre_nodes for x in nodes[i].input if x in graph_inputs}
+    pre_inputs = [_value_info(g, n) for n in g.input_names if n in pre_needed]
+    pre_out_names = [t for t in part.crossing if g.producer.get(t) in set(part.pre_nodes)] + part.pre_outputs
+    pre = _subgraph(g, sol, perms, part.pre_nodes, pre_inputs, [_value_info(g, t) for t in pre_out_names],
+                    "stip_pre", progress)
+
+    # server: crossing tensors + public inputs -> original outputs (renamed, still permuted)
+    server_needed = {x for i in part.server_nodes for x in nodes[i].input if x}
+    server_inputs = [_value_info(g, t) for t in part.crossing] + [
+        _value_info(g, n) for n in g.input_names if n in server_needed and n not in part.private]
+    server_outs = [o for o in g.output_names if o not in part.pre_outputs]
+    renames = {o: server_output_name(o) for o in server_outs}
+    server = _subgraph(g, sol, perms, part.server_nodes, server_inputs,
+                       [_value_info(g, o, renames[o]) for o in server_outs], "stip_server", progress)
+    _rename_outputs(list(server.graph.node), renames)
+
+    # post: undo the output permutations
+    post_nodes, post_inits, post_inputs = [], [], []
+    for o in g.output_names:
+        src = renames.get(o, o)
+        post_inputs.append(_value_info(g, o, src))
+        ns, inits = _unpermute_nodes(g, sol, perms, src, o)
+        post_nodes += ns
+        post_inits += inits
+    post_graph = helper.make_graph(post_nodes, "stip_post", post_inputs,
+                                   [_value_info(g, o) for o in g.output_names], post_inits)
+    post = helper.make_model(post_graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="stip")
+    post.ir_version = min(g.model.ir_version, 10) if g.model.ir_version else 8
+
+    for role, m in (("client.pre", pre), ("server", server), ("client.post", post)):
+        helper.set_model_props(m, {KEY_ID_PROP: key_id, ROLE_PROP: role})
+    return Bundle(pre, server, post)

@@ -1,0 +1,208 @@
+"""Load an ONNX model into a form the solver can reason about.
+
+Why: exporters hide constants in Constant nodes and Identity chains, and the solver needs every tensor's rank and
+(symbolic) dims. We normalise once here so that every later pass sees initializers and shapes in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from stip.passes.errors import StipError
+
+Dim = int | str  # a static size, or a symbolic name for a dynamic axis
+
+
+@dataclass
+class Graph:
+    """A normalised model: constants are numpy arrays, every tensor has a shape (dims may be symbolic)."""
+
+    model: onnx.ModelProto
+    path: Path
+    constants: dict[str, np.ndarray]
+    shapes: dict[str, list[Dim]]
+    dtypes: dict[str, int]
+    producer: dict[str, int] = field(default_factory=dict)
+    consumers: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        return list(self.model.graph.node)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.model.graph.input if i.name not in self.constants]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.model.graph.output]
+
+    def node_label(self, idx: int) -> str:
+        n = self.model.graph.node[idx]
+        return f"{n.op_type} node '{n.name or n.output[0]}'"
+
+    def rank(self, name: str) -> int | None:
+        s = self.shapes.get(name)
+        return None if s is None else len(s)
+
+    def index(self) -> None:
+        self.producer = {}
+        self.consumers = {}
+        for i, n in enumerate(self.model.graph.node):
+            for o in n.output:
+                if o:
+                    self.producer[o] = i
+            for j, x in enumerate(n.input):
+                if x:
+                    self.consumers.setdefault(x, []).append((i, j))
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Read a model file (external data included) or raise a one-line StipError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise StipError(f"{p}: no such file")
+    if p.is_dir():
+        raise StipError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(str(p), load_external_data=True)
+    except Exception as e:  # protobuf raises several unrelated types for junk input
+        raise StipError(f"{p}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not model.graph.node:
+        raise StipError(f"{p}: not an ONNX model (no graph nodes; is the file truncated or of another format?)")
+    try:
+        onnx.checker.check_model(str(p), full_check=False)
+    except Exception as e:
+        raise StipError(f"{p}: invalid ONNX model: {str(e).splitlines()[0][:200]}")
+    return model
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn Constant nodes into initializers and bypass Identity nodes over constants.
+
+    TorchScript shares byte-identical weights through Identity nodes; resolving them lets each consumer of a
+    shared weight get its own permuted copy later.
+    """
+    g = model.graph
+    init_names = {t.name for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    alias: dict[str, str] = {}
+    keep: list[onnx.NodeProto] = []
+    for n in g.node:
+        n.input[:] = [alias.get(x, x) for x in n.input]
+        if n.op_type == "Constant" and n.output[0] not in graph_outputs:
+            value = _constant_value(n)
+            if value is not None:
+                g.initializer.append(numpy_helper.from_array(value, n.output[0]))
+                init_names.add(n.output[0])
+                continue
+        if n.op_type == "Identity" and n.input[0] in init_names and n.output[0] not in graph_outputs:
+            alias[n.output[0]] = n.input[0]
+            continue
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    # Initializers listed as graph inputs (old exporters) are constants, not user inputs.
+    inputs = [i for i in g.input if i.name not in init_names]
+    del g.input[:]
+    g.input.extend(inputs)
+    return model
+
+
+def _skeleton(model: onnx.ModelProto, big: int = 4096) -> onnx.ModelProto:
+    """A copy for shape inference where large weights become typed inputs, so inference never copies them."""
+    g = model.graph
+    small = [t for t in g.initializer if int(np.prod(t.dims)) <= big]
+    large = [t for t in g.initializer if int(np.prod(t.dims)) > big]
+    sk = helper.make_model(
+        helper.make_graph(
+            list(g.node),
+            g.name,
+            list(g.input) + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large],
+            list(g.output),
+            small,
+        ),
+        opset_imports=list(model.opset_import),
+    )
+    sk.ir_version = model.ir_version
+    return sk
+
+
+def _dims(vi: onnx.ValueInfoProto) -> tuple[list[Dim] | None, int]:
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None, tt.elem_type
+    out: list[Dim] = []
+    for i, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.dim_param:
+            out.append(d.dim_param)
+        else:
+            out.append(f"?{vi.name}:{i}")
+    return out, tt.elem_type
+
+
+def infer_shapes(model: onnx.ModelProto, path: Path) -> tuple[dict[str, list[Dim]], dict[str, int]]:
+    """Symbolic shapes for every tensor; ORT's symbolic inference follows Shape->Gather->Concat->Reshape chains."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    sk = _skeleton(model)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(sk, auto_merge=True, guess_output_rank=True)
+    except Exception:
+        inferred = None
+    if inferred is None:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(sk, data_prop=True)
+        except Exception as e:
+            raise StipError(f"{path}: shape inference failed: {str(e).splitlines()[0][:200]}")
+    shapes: dict[str, list[Dim]] = {}
+    dtypes: dict[str, int] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        s, t = _dims(vi)
+        if s is not None:
+            shapes[vi.name] = s
+        dtypes[vi.name] = t
+    for t in model.graph.initializer:
+        shapes[t.name] = [int(d) for d in t.dims]
+        dtypes[t.name] = t.data_type
+    return shapes, dtypes
+
+
+def load_graph(path: str | Path, model: onnx.ModelProto | None = None) -> Graph:
+    """Load, normalise and shape-infer; the single entry point every command uses."""
+    p = Path(path)
+    model = normalise(model if model is not None else load_model(p))
+    shapes, dtypes = infer_shapes(model, p)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    g = Graph(model=model, path=p, constants=constants, shapes=shapes, dtypes=dtypes)
+    g.index()
+    return g
+
+
+def topo_nodes(g: Graph, idxs: Iterable[int]) -> list[int]:
+    """Node indices in graph order (exported graphs are already topologically sorted, as ONNX requires)."""
+    return sorted(set(idxs))

@@ -1,0 +1,193 @@
+"""Cut the graph at the secret boundary: what the user's machine computes (pre) and what the cloud computes.
+
+Why this shape: the user holds the private inputs (token ids, pixels). The pre graph must contain every op that
+reads their values up to the first heavy op, so the server only ever receives permuted features. Anything the
+server needs from a private input's *shape* (batch, sequence length) crosses as plain integers and is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stip.passes.errors import StipError
+from stip.passes.graph import Graph
+from stip.passes.rules import SHAPE_ONLY
+from stip.passes.solve import Solution
+
+HEAVY = {"MatMul", "Gemm", "Einsum", "Attention", "MultiHeadAttention", "GroupQueryAttention", "MatMulNBits"}
+
+
+@dataclass
+class Partition:
+    private: list[str]
+    public: list[str]
+    pre_nodes: list[int]
+    server_nodes: list[int]
+    crossing: list[str]  # tensors computed by pre and sent to the server
+    pre_outputs: list[str]  # original graph outputs that pre computes itself (post un-permutes them)
+
+
+def is_lift(g: Graph, idx: int, j: int) -> bool:
+    """Does input j of node idx turn values into features through a weight (embedding, patch conv, linear)?"""
+    n = g.model.graph.node[idx]
+    if n.op_type == "Gather":
+        return j == 1 and n.input[0] in g.constants
+    if n.op_type == "Conv":
+        return j == 0 and n.input[1] in g.constants
+    if n.op_type in ("MatMul", "Gemm"):
+        return j in (0, 1) and n.input[1 - j] in g.constants
+    return False
+
+
+def value_cone(g: Graph, sources: list[str]) -> set[int]:
+    """Nodes whose outputs depend on the *values* of `sources` (Shape/Size break the dependence)."""
+    seen: set[int] = set()
+    stack = list(sources)
+    while stack:
+        t = stack.pop()
+        for idx, _j in g.consumers.get(t, []):
+            if idx in seen or g.model.graph.node[idx].op_type in SHAPE_ONLY:
+                continue
+            seen.add(idx)
+            stack.extend(o for o in g.model.graph.node[idx].output if o)
+    return seen
+
+
+def detect_private(g: Graph, sol: Solution, private: list[str] | None = None,
+                   public: list[str] | None = None) -> list[str]:
+    """Inputs whose values a weight lifts into feature space (token ids, token types, pixels).
+
+    The walk stops at tensors that already carry a permuted axis: the attention mask also reaches later
+    MatMuls, but only after mixing into permuted attention scores, so it is public metadata. Overridable.
+    """
+    names = g.input_names
+    for flag, given in (("--private", private or []), ("--public", public or [])):
+        for n in given:
+            if n not in names:
+                raise StipError(f"{g.path}: {flag} {n}: no such graph input (inputs: {', '.join(names)})")
+    if private:
+        return [n for n in names if n in private]
+    out = []
+    for name in names:
+        if public and name in public:
+            continue
+        if _lifted(g, sol, name):
+            out.append(name)
+    return out
+
+
+def _featured(g: Graph, sol: Solution, t: str) -> bool:
+    return any(c is not None for c in sol.classes(t, len(g.shapes.get(t, []))))
+
+
+def _lifted(g: Graph, sol: Solution, source: str) -> bool:
+    seen: set[str] = set()
+    stack = [source]
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for idx, j in g.consumers.get(t, []):
+            n = g.model.graph.node[idx]
+            if n.op_type in SHAPE_ONLY:
+                continue
+            if is_lift(g, idx, j):
+                return True
+            stack.extend(o for o in n.output if o and not _featured(g, sol, o))
+    return False
+
+
+def partition(g: Graph, private: list[str]) -> Partition:
+    nodes = g.model.graph.node
+    public = [n for n in g.input_names if n not in private]
+    cone = value_cone(g, private)
+    eligible: set[int] = set()
+    for idx in sorted(cone):
+        n = nodes[idx]
+        if n.op_type in HEAVY:
+            continue
+        if all(g.producer.get(x) not in cone or g.producer.get(x) in eligible for x in n.input if x):
+            eligible.add(idx)
+    _trim(g, eligible, set(private))
+
+    # server: everything the graph outputs need, stopping at tensors pre computes
+    server: set[int] = set()
+    stack = [o for o in g.output_names]
+    seen_t: set[str] = set()
+    while stack:
+        t = stack.pop()
+        if t in seen_t:
+            continue
+        seen_t.add(t)
+        p = g.producer.get(t)
+        if p is None or p in eligible or p in server:
+            continue
+        server.add(p)
+        stack.extend(x for x in nodes[p].input if x)
+    # Shapes of private inputs cross as integers; any other server use of a private value is a leak.
+    shape_to_pre: set[int] = set()
+    for idx in sorted(server):
+        for x in nodes[idx].input:
+            if x in private:
+                if nodes[idx].op_type in SHAPE_ONLY:
+                    shape_to_pre.add(idx)
+                else:
+                    raise StipError(f"{g.path}: {g.node_label(idx)} reads private input '{x}' directly and "
+                                    "cannot run on the server (mark the input --public if it is not private)")
+    server -= shape_to_pre
+    pre_core = eligible | shape_to_pre
+    pre = set(pre_core)
+    stack = [x for i in pre_core for x in nodes[i].input if x]
+    while stack:
+        t = stack.pop()
+        p = g.producer.get(t)
+        if p is None or p in pre:
+            continue
+        pre.add(p)
+        stack.extend(x for x in nodes[p].input if x)
+    server_produced = {o for i in server for o in nodes[i].output}
+    crossing: list[str] = []
+    for idx in sorted(server):
+        for x in nodes[idx].input:
+            if x and x not in crossing and x in g.producer and x not in server_produced:
+                crossing.append(x)
+    pre_outputs = [o for o in g.output_names if g.producer.get(o) in eligible]
+    return Partition(private, public, sorted(pre), sorted(server), crossing, pre_outputs)
+
+
+def _trim(g: Graph, eligible: set[int], private: set[str]) -> None:
+    """Hand trailing pre nodes to the server when that lowers the number of tensors crossing (ViT's first
+    LayerNorm: sending its input alone is enough, since the residual needs that input anyway)."""
+    nodes = g.model.graph.node
+    outputs = set(g.output_names)
+
+    def crossing_outputs(idx: int) -> list[str]:
+        return [o for o in nodes[idx].output if o and (o in outputs or any(
+            c not in eligible for c, _ in g.consumers.get(o, [])))]
+
+    changed = True
+    while changed:
+        changed = False
+        for idx in sorted(eligible, reverse=True):
+            n = nodes[idx]
+            if any(x in private for x in n.input):
+                continue
+            outs = [o for o in n.output if o]
+            if any(c in eligible for o in outs for c, _ in g.consumers.get(o, [])) or any(o in outputs for o in outs):
+                continue
+            before = len(crossing_outputs(idx))
+            new = [x for x in n.input if x and g.producer.get(x) in eligible and x not in _crossing_set(g, eligible)]
+            if len(new) < before:
+                eligible.discard(idx)
+                changed = True
+
+
+def _crossing_set(g: Graph, eligible: set[int]) -> set[str]:
+    nodes = g.model.graph.node
+    out = set()
+    for idx in eligible:
+        for o in nodes[idx].output:
+            if o and any(c not in eligible for c, _ in g.consumers.get(o, [])):
+                out.add(o)
+    return out

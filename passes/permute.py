@@ -1,0 +1,93 @@
+"""Draw secret permutations for solved spaces and fold them into constants.
+
+Why here: this is the only place where a space becomes concrete index arrays. A flattened space (heads x head_dim)
+is never drawn directly; its permutation is built from its parts, so Q/K/V and the output projection agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stip.passes.errors import StipError
+from stip.passes.solve import Solution
+
+
+@dataclass
+class Permutations:
+    """Index arrays per space: 1-D `p` (x' = x[..., p]), or [heads, head_dim] for per-head inner spaces."""
+
+    solution: Solution
+    drawn: dict[int, np.ndarray]
+    _composed: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def vector(self, c: int) -> np.ndarray:
+        """The flat permutation of a space, composing linked parts (hidden = heads x head_dim, row-major)."""
+        if c in self._composed:
+            return self._composed[c]
+        sol = self.solution
+        link = sol.link(c)
+        if link:
+            sizes = [sol.spaces.info(x).size for x in link]
+            grid = np.arange(int(np.prod(sizes)), dtype=np.int64).reshape(sizes)
+            parts = [x if x in sol.permuted else None for x in link]
+            p = fold(grid, parts, self).reshape(-1)
+        elif c in sol.dependent:
+            raise StipError(f"space '{sol.permuted[c]}' has one permutation per head and cannot be used without "
+                            "its head axis")
+        else:
+            p = self.drawn[c]
+        self._composed[c] = p
+        return p
+
+    def by_name(self) -> dict[str, np.ndarray]:
+        return {self.solution.permuted[c]: self.drawn.get(c, self.vector(c)) for c in self.solution.permuted}
+
+
+def draw(sol: Solution, rng: np.random.Generator) -> Permutations:
+    """One uniformly random permutation per free space (per head for dependent inner spaces)."""
+    drawn: dict[int, np.ndarray] = {}
+    for c in sorted(sol.permuted):
+        if sol.link(c):
+            continue
+        n = sol.sizes[c]
+        h = sol.dependent.get(c)
+        if h is not None:
+            drawn[c] = np.stack([rng.permutation(n) for _ in range(sol.sizes[h])]).astype(np.int64)
+        else:
+            drawn[c] = rng.permutation(n).astype(np.int64)
+    return Permutations(sol, drawn)
+
+
+def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> np.ndarray:
+    """Permute every axis of a constant by its space; per-head inner spaces index jointly with their head axis."""
+    sol = perms.solution
+    out = value
+    later: list[tuple[int, int]] = []
+    for a, c in enumerate(classes):
+        if c is None or value.shape[a] == 1:
+            continue
+        if c in sol.dependent:
+            later.append((a, c))
+            continue
+        out = np.take(out, perms.vector(c), axis=a)
+    for a, c in later:
+        head = sol.dependent[c]
+        if head not in classes:
+            raise StipError(f"constant axis {a} is in per-head space '{sol.permuted[c]}' without its head axis")
+        ha = classes.index(head)
+        idx = perms.drawn[c]  # [heads, head_dim], row = new head position
+        shape = [1] * out.ndim
+        shape[ha], shape[a] = idx.shape[0], idx.shape[1]
+        if ha > a:
+            idx = idx.T
+            shape[ha], shape[a] = idx.shape[1], idx.shape[0]
+        out = np.take_along_axis(out, idx.reshape(shape), axis=a)
+    return np.ascontiguousarray(out)
+
+
+def inverse(p: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(p)
+    inv[p] = np.arange(len(p), dtype=p.dtype)
+    return inv

@@ -1,0 +1,371 @@
+"""The permutation rule of every supported op, one small function each. Start here to see how an op is handled.
+
+A rule relates the axis classes of a node's inputs and outputs:
+- `ctx.eq(a, b)`: the two axes must carry the same permutation (elementwise ops, matmul contraction, ...);
+- `ctx.fix(a, why)`: the axis must stay unpermuted (indexed positionally: Gather indices, Slice, Concat axis, ...);
+- `ctx.link(whole, parts)`: a Reshape flattened or split an axis (hidden -> heads x head_dim).
+Axes of size 1 are broadcast axes and are never permuted. Ops with no rule pin every axis they touch, so an
+unsupported op on the hidden path surfaces as a conflict that names it (see solve.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from stip.passes.solve import RuleContext
+
+Rule = Callable[["RuleContext"], None]
+RULES: dict[str, Rule] = {}
+
+UNARY = (
+    "Abs Acos Asin Atan Ceil Cos Cosh Elu Erf Exp Floor Gelu FastGelu HardSigmoid HardSwish Identity IsInf IsNaN "
+    "LeakyRelu Log Mish Neg Not Reciprocal Relu Round Selu Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Tan Tanh "
+    "Cast QuickGelu BiasGelu ThresholdedRelu Celu Swish"
+).split()
+ELEMENTWISE = "Add Sub Mul Div Pow Max Min Mean Sum Equal Greater GreaterOrEqual Less LessOrEqual And Or Xor Mod " \
+    "BitShift PRelu Where Clip".split()
+REDUCE = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp " \
+    "ReduceSumSquare".split()
+SHAPE_ONLY = ("Shape", "Size")
+
+
+def rule(*ops: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+def broadcast_into(ctx: RuleContext, j: int, k: int = 0) -> None:
+    """Numpy broadcasting: input j's axes align right with output k's; size-1 input axes are broadcast."""
+    ins, out = ctx.shape_in(j), ctx.shape_out(k)
+    off = len(out) - len(ins)
+    for a, d in enumerate(ins):
+        if d != 1 and a + off >= 0:
+            ctx.eq(ctx.ax_in(j, a), ctx.ax_out(k, a + off))
+
+
+@rule(*UNARY, "Dropout", "Softmax", "LogSoftmax", "CastLike")
+def unary(ctx: RuleContext) -> None:
+    """Applied per element (Softmax: per row, and a row permutation commutes with it)."""
+    broadcast_into(ctx, 0)
+    if ctx.node.op_type == "Dropout" and len(ctx.node.output) > 1 and ctx.node.output[1]:
+        for a in range(len(ctx.shape_out(1))):
+            ctx.eq(ctx.ax_out(1, a), ctx.ax_out(0, a))
+
+
+@rule(*ELEMENTWISE)
+def elementwise(ctx: RuleContext) -> None:
+    """Operands that share an axis share its permutation; constants absorb it (biases, scales)."""
+    for j in range(len(ctx.node.input)):
+        if ctx.node.input[j]:
+            broadcast_into(ctx, j)
+
+
+@rule("Expand")
+def expand(ctx: RuleContext) -> None:
+    broadcast_into(ctx, 0)
+    ctx.fix_input(1, "Expand shape")
+
+
+@rule("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization")
+def layer_norm(ctx: RuleContext) -> None:
+    """Statistics over the normalised axes are order-invariant; gamma/beta take the permutation."""
+    broadcast_into(ctx, 0)
+    for j in range(1, len(ctx.node.input)):
+        if ctx.node.input[j]:
+            broadcast_into(ctx, j)
+    for k in range(1, len(ctx.node.output)):
+        if ctx.node.output[k]:
+            out = ctx.shape_out(k)
+            for a, d in enumerate(out):
+                if d != 1:
+                    ctx.eq(ctx.ax_out(k, a), ctx.ax_in(0, a))
+
+
+@rule("MatMul")
+def matmul(ctx: RuleContext) -> None:
+    """Contraction axes share a permutation (it cancels); free axes pass through; a constant absorbs both."""
+    a, b, out = ctx.shape_in(0), ctx.shape_in(1), ctx.shape_out(0)
+    ra, rb, ro = len(a), len(b), len(out)
+    if ra == 1 and rb == 1:
+        ctx.eq(ctx.ax_in(0, 0), ctx.ax_in(1, 0))
+        return
+    if ra == 1:
+        ctx.eq(ctx.ax_in(0, 0), ctx.ax_in(1, rb - 2))
+        ctx.eq(ctx.ax_out(0, ro - 1), ctx.ax_in(1, rb - 1))
+        _batch(ctx, 1, rb - 2, ro - 1)
+        return
+    if rb == 1:
+        ctx.eq(ctx.ax_in(0, ra - 1), ctx.ax_in(1, 0))
+        for i in range(ra - 1):
+            ctx.eq(ctx.ax_in(0, i), ctx.ax_out(0, i))
+        return
+    ctx.eq(ctx.ax_in(0, ra - 1), ctx.ax_in(1, rb - 2))
+    ctx.eq(ctx.ax_out(0, ro - 1), ctx.ax_in(1, rb - 1))
+    ctx.eq(ctx.ax_out(0, ro - 2), ctx.ax_in(0, ra - 2))
+    _batch(ctx, 0, ra - 2, ro - 2)
+    _batch(ctx, 1, rb - 2, ro - 2)
+
+
+def _batch(ctx: RuleContext, j: int, n_in: int, n_out: int) -> None:
+    shape = ctx.shape_in(j)
+    for i in range(n_in):
+        o = n_out - n_in + i
+        if shape[i] != 1 and o >= 0:
+            ctx.eq(ctx.ax_in(j, i), ctx.ax_out(0, o))
+
+
+@rule("Gemm")
+def gemm(ctx: RuleContext) -> None:
+    ta, tb = ctx.attr("transA", 0), ctx.attr("transB", 0)
+    a_m, a_k = (1, 0) if ta else (0, 1)
+    b_k, b_n = (1, 0) if tb else (0, 1)
+    ctx.eq(ctx.ax_in(0, a_k), ctx.ax_in(1, b_k))
+    ctx.eq(ctx.ax_out(0, 0), ctx.ax_in(0, a_m))
+    ctx.eq(ctx.ax_out(0, 1), ctx.ax_in(1, b_n))
+    if len(ctx.node.input) > 2 and ctx.node.input[2]:
+        broadcast_into(ctx, 2)
+
+
+@rule("Transpose")
+def transpose(ctx: RuleContext) -> None:
+    rank = len(ctx.shape_in(0))
+    perm = ctx.attr("perm", list(reversed(range(rank))))
+    for i, p in enumerate(perm):
+        ctx.eq(ctx.ax_out(0, i), ctx.ax_in(0, p))
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape(ctx: RuleContext) -> None:
+    """Match axes by products of sizes: 1:1 keeps a class, 1:n splits it (link), n:1 merges (link)."""
+    for j in range(1, len(ctx.node.input)):
+        ctx.fix_input(j, f"{ctx.node.op_type} shape/axes")
+    ins, out = ctx.shape_in(0), ctx.shape_out(0)
+    groups = group_axes(ins, out)
+    if groups is None:
+        for a in range(len(ins)):
+            ctx.fix(ctx.ax_in(0, a), "Reshape the compiler cannot follow (unknown sizes)")
+        for a in range(len(out)):
+            ctx.fix(ctx.ax_out(0, a), "Reshape the compiler cannot follow (unknown sizes)")
+        return
+    for gi, go in groups:
+        if len(gi) == 1 and len(go) == 1:
+            ctx.eq(ctx.ax_in(0, gi[0]), ctx.ax_out(0, go[0]))
+        elif len(gi) == 1:
+            ctx.link(ctx.ax_in(0, gi[0]), [ctx.ax_out(0, a) for a in go])
+        elif len(go) == 1:
+            ctx.link(ctx.ax_out(0, go[0]), [ctx.ax_in(0, a) for a in gi])
+        else:
+            why = "Reshape regroups axes many-to-many"
+            for a in gi:
+                ctx.fix(ctx.ax_in(0, a), why)
+            for a in go:
+                ctx.fix(ctx.ax_out(0, a), why)
+
+
+def _factors(d) -> tuple[int, tuple[str, ...]]:
+    if isinstance(d, int):
+        return d, ()
+    parts = str(d).split("*")
+    n, syms = 1, []
+    for p in parts:
+        if p.strip().isdigit():
+            n *= int(p)
+        else:
+            syms.append(p.strip())
+    return n, tuple(sorted(syms))
+
+
+def _mul(x, y):
+    return x[0] * y[0], tuple(sorted(x[1] + y[1]))
+
+
+def _divides(x, y) -> bool:
+    if x[0] == 0 or y[0] % x[0]:
+        return False
+    rest = list(y[1])
+    for s in x[1]:
+        if s not in rest:
+            return False
+        rest.remove(s)
+    return True
+
+
+def group_axes(ins: list, out: list) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of input axes with runs of output axes of equal product; size-1 axes belong to no group."""
+    ia = [i for i, d in enumerate(ins) if d != 1]
+    oa = [i for i, d in enumerate(out) if d != 1]
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(ia) and j < len(oa):
+        gi, go = [ia[i]], [oa[j]]
+        pi, po = _factors(ins[ia[i]]), _factors(out[oa[j]])
+        i += 1
+        j += 1
+        while pi != po:
+            if _divides(pi, po) and i < len(ia):
+                pi = _mul(pi, _factors(ins[ia[i]]))
+                gi.append(ia[i])
+                i += 1
+            elif _divides(po, pi) and j < len(oa):
+                po = _mul(po, _factors(out[oa[j]]))
+                go.append(oa[j])
+                j += 1
+            else:
+                return None
+        groups.append((gi, go))
+    if i != len(ia) or j != len(oa):
+        return None
+    return groups
+
+
+@rule("Concat")
+def concat(ctx: RuleContext) -> None:
+    axis = ctx.attr("axis", 0) % len(ctx.shape_out(0))
+    for j in range(len(ctx.node.input)):
+        for a in range(len(ctx.shape_in(j))):
+            if a == axis:
+                ctx.fix(ctx.ax_in(j, a), "Concat axis")
+            else:
+                ctx.eq(ctx.ax_in(j, a), ctx.ax_out(0, a))
+    ctx.fix(ctx.ax_out(0, axis), "Concat axis")
+
+
+@rule("Split")
+def split(ctx: RuleContext) -> None:
+    rank = len(ctx.shape_in(0))
+    axis = ctx.attr("axis", 0) % rank
+    ctx.fix_input(1, "Split sizes")
+    for k in range(len(ctx.node.output)):
+        for a in range(rank):
+            if a == axis:
+                ctx.fix(ctx.ax_out(k, a), "Split axis")
+            else:
+                ctx.eq(ctx.ax_in(0, a), ctx.ax_out(k, a))
+    ctx.fix(ctx.ax_in(0, axis), "Split axis")
+
+
+@rule("Slice")
+def slice_(ctx: RuleContext) -> None:
+    """A slice that keeps a whole axis commutes with its permutation; a partial slice is positional."""
+    ins, out = ctx.shape_in(0), ctx.shape_out(0)
+    for j in range(1, len(ctx.node.input)):
+        ctx.fix_input(j, "Slice bounds")
+    for a in range(len(ins)):
+        if ins[a] == out[a] and _is_full_slice(ctx, a):
+            ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, a))
+        else:
+            ctx.fix(ctx.ax_in(0, a), "Slice (positional)")
+            ctx.fix(ctx.ax_out(0, a), "Slice (positional)")
+
+
+def _is_full_slice(ctx: RuleContext, axis: int) -> bool:
+    rank = len(ctx.shape_in(0))
+    starts, ends = ctx.const(1), ctx.const(2)
+    axes = ctx.const(3) if len(ctx.node.input) > 3 and ctx.node.input[3] else None
+    steps = ctx.const(4) if len(ctx.node.input) > 4 and ctx.node.input[4] else None
+    if starts is None or ends is None:
+        return False
+    axes_l = [int(x) % rank for x in (axes if axes is not None else range(len(starts)))]
+    if axis not in axes_l:
+        return True
+    k = axes_l.index(axis)
+    step = 1 if steps is None else int(steps[k])
+    return step == 1 and int(starts[k]) == 0 and int(ends[k]) >= np.iinfo(np.int32).max // 2
+
+
+@rule("Gather")
+def gather(ctx: RuleContext) -> None:
+    """Indexing is positional on the gathered axis; the other data axes and the index axes pass through."""
+    data, idx = ctx.shape_in(0), ctx.shape_in(1)
+    axis = ctx.attr("axis", 0) % len(data)
+    ctx.fix(ctx.ax_in(0, axis), "Gather axis (indexed by position)")
+    o = 0
+    for a in range(len(data)):
+        if a == axis:
+            for b in range(len(idx)):
+                ctx.eq(ctx.ax_in(1, b), ctx.ax_out(0, o))
+                o += 1
+        else:
+            ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, o))
+            o += 1
+
+
+@rule(*REDUCE)
+def reduce(ctx: RuleContext) -> None:
+    """Reductions are order-invariant over the reduced axes; the kept axes pass through."""
+    rank = len(ctx.shape_in(0))
+    axes = ctx.attr("axes", None)
+    if axes is None and len(ctx.node.input) > 1 and ctx.node.input[1]:
+        c = ctx.const(1)
+        ctx.fix_input(1, "Reduce axes")
+        axes = None if c is None else [int(x) for x in c.reshape(-1)]
+        if c is None:
+            ctx.fix_all(f"{ctx.node.op_type} with computed axes")
+            return
+    if not axes:
+        axes = [] if ctx.attr("noop_with_empty_axes", 0) else list(range(rank))
+    axes = sorted(int(a) % rank for a in axes)
+    keep = ctx.attr("keepdims", 1)
+    o = 0
+    for a in range(rank):
+        if a in axes:
+            o += 1 if keep else 0
+            continue
+        ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, o))
+        o += 1
+
+
+@rule("ArgMax", "ArgMin")
+def argmax(ctx: RuleContext) -> None:
+    rank = len(ctx.shape_in(0))
+    axis = ctx.attr("axis", 0) % rank
+    keep = ctx.attr("keepdims", 1)
+    ctx.fix(ctx.ax_in(0, axis), f"{ctx.node.op_type} returns positions")
+    o = 0
+    for a in range(rank):
+        if a == axis:
+            o += 1 if keep else 0
+            continue
+        ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, o))
+        o += 1
+
+
+@rule("Conv")
+def conv(ctx: RuleContext) -> None:
+    """Channels behave like a matmul (weight absorbs both); spatial axes are positional."""
+    x, w = ctx.shape_in(0), ctx.shape_in(1)
+    ctx.eq(ctx.ax_in(0, 0), ctx.ax_out(0, 0))
+    ctx.eq(ctx.ax_out(0, 1), ctx.ax_in(1, 0))
+    if ctx.attr("group", 1) == 1:
+        ctx.eq(ctx.ax_in(0, 1), ctx.ax_in(1, 1))
+    else:
+        for c in (ctx.ax_in(0, 1), ctx.ax_in(1, 0), ctx.ax_in(1, 1), ctx.ax_out(0, 1)):
+            ctx.fix(c, "grouped Conv channels")
+    for a in range(2, len(x)):
+        ctx.fix(ctx.ax_in(0, a), "Conv spatial axis")
+        ctx.fix(ctx.ax_out(0, a), "Conv spatial axis")
+    for a in range(2, len(w)):
+        ctx.fix(ctx.ax_in(1, a), "Conv kernel axis")
+    if len(ctx.node.input) > 2 and ctx.node.input[2]:
+        ctx.eq(ctx.ax_in(2, 0), ctx.ax_out(0, 1))
+
+
+@rule(*SHAPE_ONLY)
+def shape_only(ctx: RuleContext) -> None:
+    """Shapes never change under a permutation, so the input is unconstrained."""
+    for k in range(len(ctx.node.output)):
+        for a in range(len(ctx.shape_out(k))):
+            ctx.fix(ctx.ax_out(k, a), "shape data")
+
+
+def fallback(ctx: RuleContext) -> None:
+    """No rule: every axis the op touches must stay unpermuted (a conflict if it is on the hidden path)."""
+    ctx.fix_all(f"{ctx.node.op_type} has no permutation rule")

@@ -1,0 +1,373 @@
+"""Solve the permutation spaces of a whole graph at once.
+
+Why: instead of pattern-matching "BERT attention" per exporter, every op contributes its rule (rules.py) and
+union-find does the rest. What is left free after all rules are applied is exactly what can be permuted; a
+feature space that some op pins to the identity is an unsupported model, and the message names that op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stip.passes.errors import StipError
+from stip.passes.graph import Graph
+from stip.passes.rules import RULES, fallback
+from stip.passes.spaces import SpaceConflict, Spaces
+
+
+def use_key(name: str, node_idx: int, input_idx: int) -> str:
+    """Each use of a constant gets its own axes, so two consumers may need two differently permuted copies."""
+    return f"{name}@{node_idx}:{input_idx}"
+
+
+@dataclass
+class Blocker:
+    node: str
+    op: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.op} node '{self.node}': {self.reason}"
+
+
+class RuleContext:
+    """What a rule sees of one node: shapes, constant values, attributes, and the axis classes to relate."""
+
+    def __init__(self, solver: Solver, idx: int):
+        self.s = solver
+        self.idx = idx
+        self.node = solver.g.model.graph.node[idx]
+
+    def in_key(self, j: int) -> str:
+        name = self.node.input[j]
+        return use_key(name, self.idx, j) if name in self.s.g.constants else name
+
+    def shape_in(self, j: int) -> list:
+        return self.s.shape(self.node.input[j])
+
+    def shape_out(self, k: int) -> list:
+        return self.s.shape(self.node.output[k])
+
+    def ax_in(self, j: int, a: int) -> int:
+        return self.s.axis(self.in_key(j), a, self.shape_in(j)[a])
+
+    def ax_out(self, k: int, a: int) -> int:
+        return self.s.axis(self.node.output[k], a, self.shape_out(k)[a])
+
+    def const(self, j: int) -> np.ndarray | None:
+        if j >= len(self.node.input):
+            return None
+        return self.s.g.constants.get(self.node.input[j])
+
+    def attr(self, name: str, default=None):
+        from onnx import helper
+
+        for a in self.node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def eq(self, a: int, b: int) -> None:
+        self.s.spaces.union(a, b)
+
+    def fix(self, a: int, why: str) -> None:
+        self.s.spaces.fix(a, f"{why} at {self.s.g.node_label(self.idx)}")
+
+    def link(self, whole: int, parts: list[int]) -> None:
+        self.s.spaces.link(whole, parts)
+
+    def fix_input(self, j: int, why: str) -> None:
+        if j < len(self.node.input) and self.node.input[j]:
+            for a in range(len(self.shape_in(j))):
+                self.fix(self.ax_in(j, a), why)
+
+    def fix_all(self, why: str) -> None:
+        for j in range(len(self.node.input)):
+            self.fix_input(j, why)
+        for k, o in enumerate(self.node.output):
+            if o:
+                for a in range(len(self.shape_out(k))):
+                    self.fix(self.ax_out(k, a), why)
+
+
+@dataclass
+class Solution:
+    """Solved spaces: which class every axis is in, which classes are permuted, and their names."""
+
+    graph: Graph
+    spaces: Spaces
+    permuted: dict[int, str]  # root class -> space name
+    sizes: dict[int, int]
+    dependent: dict[int, int]  # inner class -> head class whose position selects its per-head permutation
+    blockers: list[Blocker] = field(default_factory=list)
+
+    def classes(self, key: str, rank: int) -> list[int | None]:
+        """Class of each axis of a tensor (or constant use), None where the axis is not permuted."""
+        out: list[int | None] = []
+        for a in range(rank):
+            if not self.spaces.has((key, a)):
+                out.append(None)
+                continue
+            c = self.spaces.find(self.spaces.id((key, a)))
+            out.append(c if c in self.permuted else None)
+        return out
+
+    def name(self, c: int | None) -> str | None:
+        return None if c is None else self.permuted[c]
+
+    def link(self, c: int) -> tuple[int, ...] | None:
+        return self.spaces.link_of(c)
+
+
+class Solver:
+    def __init__(self, g: Graph):
+        self.g = g
+        self.spaces = Spaces()
+
+    def shape(self, name: str) -> list:
+        s = self.g.shapes.get(name)
+        if s is None:
+            raise _NoShape(name)
+        return s
+
+    def axis(self, key: str, a: int, size) -> int:
+        return self.spaces.id((key, a), size)
+
+    def run(self) -> Solution:
+        g = self.g
+        blockers: list[Blocker] = []
+        for name in g.input_names:
+            for a, d in enumerate(g.shapes.get(name, [])):
+                self.spaces.fix(self.axis(name, a, d), f"graph input '{name}'")
+        for idx, node in enumerate(g.model.graph.node):
+            ctx = RuleContext(self, idx)
+            try:
+                RULES.get(node.op_type, fallback)(ctx)
+            except _NoShape as e:
+                try:
+                    ctx.fix_all(f"unknown shape of '{e.name}'")
+                except _NoShape:
+                    blockers.append(Blocker(node.name or node.output[0], node.op_type,
+                                            f"shape of tensor '{e.name}' is unknown"))
+            except SpaceConflict as e:
+                blockers.append(Blocker(node.name or node.output[0], node.op_type, str(e)))
+        self._propagate_links()
+        self._merge_same_links()
+        permuted, sizes = self._permuted_classes()
+        blockers += self._feature_checks(permuted)
+        dependent = self._dependent_inner(permuted)
+        names = name_spaces(self, permuted, dependent)
+        return Solution(g, self.spaces, names, sizes, dependent, blockers)
+
+    def _propagate_links(self) -> None:
+        """A pinned flattened axis pins its parts, and an axis whose parts are all pinned is pinned."""
+        sp = self.spaces
+        changed = True
+        while changed:
+            changed = False
+            for r in sp.roots():
+                info = sp.info(r)
+                link = sp.link_of(r)
+                if not link:
+                    continue
+                if info.fixed:
+                    for c in link:
+                        if not sp.info(c).fixed:
+                            sp.fix(c, info.fixed)
+                            changed = True
+                elif all(sp.info(c).fixed for c in link):
+                    sp.fix(r, sp.info(link[0]).fixed or "parts unpermuted")
+                    changed = True
+
+    def _merge_same_links(self) -> None:
+        """Q and K projections flatten the same (heads, head_dim) pair: they are one space, report it once."""
+        sp = self.spaces
+        by_link: dict[tuple[int, ...], int] = {}
+        for r in sp.roots():
+            link = sp.link_of(r)
+            if link:
+                other = by_link.setdefault(link, r)
+                if other != r:
+                    sp.union(other, r)
+
+    def _permuted_classes(self) -> tuple[dict[int, str], dict[int, int]]:
+        sp = self.spaces
+        permuted: dict[int, str] = {}
+        sizes: dict[int, int] = {}
+        for r in sp.roots():
+            info = sp.info(r)
+            if info.fixed or not isinstance(info.size, int) or info.size <= 1:
+                continue
+            link = sp.link_of(r)
+            if link and not all(isinstance(sp.info(c).size, int) for c in link):
+                continue
+            permuted[r] = ""
+            sizes[r] = info.size
+        # A flattened axis is permuted through its parts only; a part may be permuted even if its whole is
+        # dynamic (batch x heads), which never reaches a constant.
+        return permuted, sizes
+
+    def _feature_checks(self, permuted: dict[int, str]) -> list[Blocker]:
+        """Every weight's feature axes must be secret; report the op that pinned one."""
+        out: list[Blocker] = []
+        seen: set[int] = set()
+        g = self.g
+        for idx, n in enumerate(g.model.graph.node):
+            for j, x in enumerate(n.input):
+                if x not in g.constants:
+                    continue
+                feature_axes = _weight_feature_axes(n, j, g.constants[x])
+                for a in feature_axes:
+                    key = (use_key(x, idx, j), a)
+                    if not self.spaces.has(key):
+                        continue
+                    c = self.spaces.find(self.spaces.id(key))
+                    if c in permuted or c in seen:
+                        continue
+                    seen.add(c)
+                    why = self.spaces.info(c).fixed or "not permutable"
+                    out.append(Blocker(n.name or n.output[0], n.op_type,
+                                       f"feature axis {a} of weight '{x}' must stay unpermuted because of {why}"))
+        return out
+
+    def _dependent_inner(self, permuted: dict[int, str]) -> dict[int, int]:
+        """Inner (head_dim) classes may get one permutation per head when every constant that has the inner
+        axis also has the matching head axis; otherwise they share one permutation across heads."""
+        sp = self.spaces
+        head_of: dict[int, int | None] = {}
+        for r in list(permuted):
+            link = sp.link_of(r)
+            if not link or len(link) != 2:
+                continue
+            h, i = link
+            if h not in permuted or i not in permuted:
+                continue
+            prev = head_of.get(i, h)
+            head_of[i] = h if prev == h else None
+        dependent: dict[int, int] = {}
+        for i, h in head_of.items():
+            if h is None:
+                continue
+            ok = True
+            for key, _a in sp.info(i).members:
+                if "@" not in key and key not in self.g.output_names:
+                    continue
+                rank = len(self.g.shapes.get(key.split("@")[0], []))
+                if not any(sp.has((key, b)) and sp.find(sp.id((key, b))) == h for b in range(rank)):
+                    ok = False
+                    break
+            if ok:
+                dependent[i] = h
+        return dependent
+
+
+class _NoShape(Exception):
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _weight_feature_axes(node, j: int, value: np.ndarray) -> list[int]:
+    """Axes of a weight that carry features (must be permuted for the model to be protected)."""
+    op = node.op_type
+    if value.ndim < 2 or value.dtype.kind != "f":
+        return []
+    if op == "MatMul" and j == 1:
+        return [value.ndim - 2, value.ndim - 1]
+    if op == "Gemm" and j == 1:
+        return [0, 1]
+    if op == "Gather" and j == 0:
+        return [value.ndim - 1]
+    if op == "Conv" and j == 1:
+        return [0]
+    return []
+
+
+def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, int]) -> dict[int, str]:
+    """Human names in STIP.md's vocabulary: hidden, layerN.heads / .qk / .v / .ffn, out.
+
+    Heuristic, for reports only: the class with most member axes is `hidden`; linked classes are attention
+    projections; classes reaching a graph output are `out`; the rest are FFN intermediates.
+    """
+    sp = solver.spaces
+    g = solver.g
+    if not permuted:
+        return {}
+    first_node: dict[int, int] = {}
+    for idx, n in enumerate(g.model.graph.node):
+        for o in n.output:
+            for a in range(len(g.shapes.get(o, []))):
+                if sp.has((o, a)):
+                    c = sp.find(sp.id((o, a)))
+                    if c in permuted:
+                        first_node.setdefault(c, idx)
+    hidden = max(permuted, key=lambda c: len(sp.info(c).members))
+    out_classes = set()
+    for o in g.output_names:
+        for a in range(len(g.shapes.get(o, []))):
+            if sp.has((o, a)):
+                out_classes.add(sp.find(sp.id((o, a))))
+    # inner classes contracted between two activations are qk, the others v
+    qk_inner: set[int] = set()
+    for idx, n in enumerate(g.model.graph.node):
+        if n.op_type == "MatMul" and n.input[0] not in g.constants and n.input[1] not in g.constants:
+            r = len(g.shapes.get(n.input[0], []))
+            if r >= 2 and sp.has((n.input[0], r - 1)):
+                qk_inner.add(sp.find(sp.id((n.input[0], r - 1))))
+    heads = sorted({sp.link_of(c)[0] for c in permuted if sp.link_of(c) and len(sp.link_of(c)) == 2
+                    and sp.link_of(c)[0] in permuted}, key=lambda c: first_node.get(c, 1 << 30))
+    layer_of_head = {h: i for i, h in enumerate(heads)}
+    names: dict[int, str] = {}
+    ffn_count: dict[int, int] = {}
+    order = sorted(permuted, key=lambda c: first_node.get(c, 1 << 30))
+    for c in order:
+        link = sp.link_of(c)
+        if c == hidden:
+            names[c] = "hidden"
+        elif c in layer_of_head:
+            names[c] = f"layer{layer_of_head[c]}.heads"
+        elif link and len(link) == 2 and link[0] in layer_of_head:
+            kind = "qk" if link[1] in qk_inner else "v"
+            names[c] = f"layer{layer_of_head[link[0]]}.{kind}"
+        elif any(sp.link_of(w) and sp.link_of(w)[-1] == c for w in permuted):
+            owner = next(w for w in permuted if sp.link_of(w) and sp.link_of(w)[-1] == c)
+            h = sp.link_of(owner)[0]
+            kind = "qk" if c in qk_inner else "v"
+            names[c] = f"layer{layer_of_head.get(h, '?')}.{kind}.inner"
+        elif c in out_classes:
+            names[c] = "out"
+        else:
+            layer = _layer_before(first_node.get(c, 0), heads, first_node)
+            k = ffn_count.get(layer, 0)
+            ffn_count[layer] = k + 1
+            names[c] = f"layer{layer}.ffn" + (f"{k}" if k else "")
+    # disambiguate duplicates (two outputs, two qk spaces sharing heads, ...)
+    seen: dict[str, int] = {}
+    for c in order:
+        base = names[c]
+        if base in seen:
+            seen[base] += 1
+            names[c] = f"{base}.{seen[base]}"
+        else:
+            seen[base] = 0
+    return names
+
+
+def _layer_before(node_idx: int, heads: list[int], first_node: dict[int, int]) -> int:
+    layer = 0
+    for i, h in enumerate(heads):
+        if first_node.get(h, 1 << 30) <= node_idx:
+            layer = i
+    return layer
+
+
+def solve(g: Graph) -> Solution:
+    return Solver(g).run()
+
+
+def require_transformer(sol: Solution) -> None:
+    """A graph with no permutable feature space has nothing STIP can protect."""
+    if not sol.permuted:
+        raise StipError(f"{sol.graph.path}: no Transformer found: no weight feature axis can be permuted "
+                        "(no MatMul/Gemm/Gather/Conv weights on a feature path)")
