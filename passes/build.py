@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
 from stip.passes.graph import Graph
 from stip.passes.partition import Partition
 from stip.passes.permute import Permutations, fold, inverse

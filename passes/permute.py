@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from stip.passes.errors import StipError
 from stip.passes.solve import Solution
 
@@ -42,7 +41,8 @@ class Permutations:
         return p
 
     def by_name(self) -> dict[str, np.ndarray]:
-        return {self.solution.permuted[c]: self.drawn.get(c, self.vector(c)) for c in self.solution.permuted}
+        return {self.solution.permuted[c]: self.drawn[c] if c in self.drawn else self.vector(c)
+                for c in self.solution.permuted}
 
 
 def draw(sol: Solution, rng: np.random.Generator) -> Permutations:

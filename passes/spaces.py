@@ -60,6 +60,9 @@ class Spaces:
     def info(self, i: int) -> ClassInfo:
         return self._info[self.find(i)]
 
+    def axes(self) -> list[Axis]:
+        return list(self._ids)
+
     def has(self, axis: Axis) -> bool:
         return axis in self._ids
 

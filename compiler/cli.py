@@ -1,0 +1,142 @@
+"""The `stip` command line. Each subcommand's help text is its docstring, as in Polygraphy."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from stip.passes.errors import StipError
+
+
+def _progress(quiet: bool):
+    """A rich progress bar per compile step, on stderr; silent with --quiet."""
+    if quiet:
+        return None, contextlib.nullcontext()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True))
+
+    def step(label: str, total: int | None):
+        task = prog.add_task(label, total=total or 1)
+
+        def tick() -> None:
+            prog.advance(task, 1)
+
+        return tick
+
+    return step, prog
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    """Compile an exported ONNX Transformer into a STIP bundle: server/, client/ and developer/ (the key)."""
+    from stip.compiler.pipeline import compile_model
+
+    step, ctx = _progress(a.quiet)
+    with ctx:
+        report = compile_model(a.model, a.output, force=a.force, private=a.private, public=a.public,
+                               external_data=a.external_data, progress=step)
+    sizes = report["bundle_sizes"]
+    print(f"wrote {a.output}  key id {report['key_id']}  {len(report['spaces'])} spaces, "
+          f"{report['layers']} attention layers, {report['permuted_weights']} permuted weights")
+    print(f"  server/model.onnx        {sizes['server_bytes'] / 2**20:.1f} MiB (permuted weights, no key)")
+    print(f"  client/pre.onnx post.onnx {sizes['client_bytes'] / 2**20:.1f} MiB (for users)")
+    print("  developer/key.npz        the key (mode 0600): never ship it")
+    print(f"next: stip verify {a.output} --original {a.model}")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    """Show what the compiler sees in a model (layers, spaces, boundary, blockers), or what a bundle holds."""
+    from stip.compiler.inspect import inspect_bundle, inspect_model
+    from stip.compiler.report import render
+
+    p = Path(a.target)
+    report = inspect_bundle(p) if p.is_dir() else inspect_model(p, a.private, a.public)
+    print(json.dumps(report, indent=2) if a.json else render(report), end="" if not a.json else "\n")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    """Run the original model and pre -> server -> post on the same random inputs; PASS or FAIL (exit 1)."""
+    from stip.runtime.verify import verify
+
+    if not Path(a.original).exists():
+        raise StipError(f"{a.original}: no such file")
+    checks = verify(a.bundle, a.original, batch=a.batch, seq=a.seq, seed=a.seed, atol=a.atol, rtol=a.rtol,
+                    device=a.device)
+    ok = all(c.ok for c in checks)
+    if a.json:
+        print(json.dumps({"passed": ok, "outputs": [c.__dict__ | {"ok": c.ok} for c in checks]}, indent=2))
+    else:
+        print(f"{'output':24} {'shape':18} {'max abs diff':>12} {'max rel diff':>12} {'argmax agree':>12}  result")
+        for c in checks:
+            print(f"{c.name:24} {str(c.shape):18} {c.max_abs:12.3e} {c.max_rel:12.3e} {c.argmax_agree:12.2%}  "
+                  f"{'PASS' if c.ok else 'FAIL'}")
+        print(f"{'PASS' if ok else 'FAIL'}: original vs pre -> server -> post (atol={a.atol}, rtol={a.rtol}, "
+              f"batch={a.batch}, seq={a.seq})")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stip", description="Compile ONNX Transformers into secure three-party "
+                                "STIP deployments (Secure Transformer Inference Protocol).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn):
+        sp = sub.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    def io_flags(sp):
+        sp.add_argument("--private", action="append", metavar="INPUT",
+                        help="treat this graph input as private (repeatable; default: detected)")
+        sp.add_argument("--public", action="append", metavar="INPUT",
+                        help="treat this graph input as public metadata (repeatable)")
+
+    c = add("compile", cmd_compile)
+    c.add_argument("model", help="exported ONNX model (.onnx, external data next to it is read)")
+    c.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    c.add_argument("--force", action="store_true", help="replace an existing bundle (and its key)")
+    c.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
+                   help="store server weights in model.onnx.data (auto: when over 1 GiB)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    io_flags(c)
+
+    i = add("inspect", cmd_inspect)
+    i.add_argument("target", help="an .onnx model, or a bundle directory written by `stip compile`")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    io_flags(i)
+
+    v = add("verify", cmd_verify)
+    v.add_argument("bundle", help="bundle directory written by `stip compile`")
+    v.add_argument("--original", required=True, help="the plaintext model the bundle was compiled from")
+    v.add_argument("--batch", type=int, default=3, help="batch size of the random inputs (default 3)")
+    v.add_argument("--seq", type=int, default=13, help="length of dynamic non-batch axes (default 13)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--atol", type=float, default=1e-4)
+    v.add_argument("--rtol", type=float, default=1e-4)
+    v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the server graph runs (default: CUDA when a GPU is visible)")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except StipError as e:
+        print(f"stip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`stip compile`: load -> solve spaces -> partition -> draw key -> fold -> write the bundle atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from stip.compiler.keys import KEY_FILE, csprng, new_key_id, write_key
+from stip.compiler.report import model_summary
+from stip.passes.build import build
+from stip.passes.errors import StipError
+from stip.passes.graph import Graph, load_graph
+from stip.passes.partition import Partition, detect_private, partition
+from stip.passes.permute import draw
+from stip.passes.solve import Solution, require_transformer, solve
+from stip.runtime.bundle import CLIENT_MANIFEST
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which the server graph uses external data
+Progress = Callable[[str, int | None], Callable[[], None]]
+
+
+@dataclass
+class Analysis:
+    graph: Graph
+    solution: Solution
+    partition: Partition | None
+
+
+def analyse(model_path: str | Path, private: list[str] | None = None, public: list[str] | None = None,
+            strict: bool = True) -> Analysis:
+    """Everything `inspect` shows; with strict=True, blockers become one StipError naming the first node."""
+    g = load_graph(model_path)
+    sol = solve(g)
+    require_transformer(sol)
+    if strict and sol.blockers:
+        extra = f" (and {len(sol.blockers) - 1} more; see `stip inspect`)" if len(sol.blockers) > 1 else ""
+        raise StipError(f"{g.path}: cannot place {sol.blockers[0]}{extra}")
+    priv = detect_private(g, sol, private, public)
+    part = None
+    try:
+        part = partition(g, priv)
+    except StipError:
+        if strict:
+            raise
+    if strict and not priv:
+        raise StipError(f"{g.path}: no private input found (no input reaches an embedding, patch or linear weight)")
+    return Analysis(g, sol, part)
+
+
+def _save(model: onnx.ModelProto, path: Path, external: str) -> None:
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if external == "always" or (external == "auto" and size > EXTERNAL_DATA_THRESHOLD):
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise StipError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise StipError(f"{out}: already exists; pass --force to replace it (the old key will be lost)")
+
+
+def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = False,
+                  private: list[str] | None = None, public: list[str] | None = None,
+                  external_data: str = "auto", progress: Progress | None = None) -> dict:
+    """Write out/{server,client,developer}; nothing is left behind on failure, nothing replaced without force."""
+    out = Path(out_dir)
+    check_output_dir(out, force)
+    step = progress or (lambda _label, _total: (lambda: None))
+    tick = step("analysing graph", None)
+    a = analyse(model_path, private, public)
+    tick()
+    g, sol, part = a.graph, a.solution, a.partition
+    assert part is not None
+    key_id = new_key_id()
+    perms = draw(sol, csprng())
+    uses = sum(1 for i in part.pre_nodes + part.server_nodes for x in g.model.graph.node[i].input
+               if x in g.constants)
+    bundle = build(g, sol, perms, part, key_id, progress=step("folding permutations into weights", uses))
+    report = model_summary(g, sol, part)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stip-tmp", dir=out.parent))
+    try:
+        tick = step("writing bundle", None)
+        os.chmod(tmp, 0o755)
+        for sub in ("server", "client", "developer"):
+            (tmp / sub).mkdir()
+        os.chmod(tmp / "developer", 0o700)
+        _save(bundle.server, tmp / "server" / "model.onnx", external_data)
+        _save(bundle.pre, tmp / "client" / "pre.onnx", "never")
+        _save(bundle.post, tmp / "client" / "post.onnx", "never")
+        manifest = {
+            "key_id": key_id,
+            "inputs": g.input_names,
+            "private": part.private,
+            "public": [n for n in part.public if n in {i.name for i in bundle.server.graph.input}],
+            "crossing": [i.name for i in bundle.server.graph.input if i.name not in g.input_names],
+            "outputs": g.output_names,
+        }
+        (tmp / "client" / CLIENT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_key(tmp / "developer" / KEY_FILE, key_id, perms.by_name())
+        report["key_id"] = key_id
+        report["bundle_sizes"] = {
+            "client_bytes": sum(f.stat().st_size for f in (tmp / "client").iterdir()),
+            "server_bytes": sum(f.stat().st_size for f in (tmp / "server").iterdir()),
+        }
+        (tmp / "developer" / "report.json").write_text(json.dumps(report, indent=2))
+        _replace(tmp, out)
+        tick()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.stip-old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -1,0 +1,215 @@
+"""What the compiler tells the developer: spaces, what crosses in plaintext, sizes, blockers, honest limits."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import onnx
+from stip.passes.graph import Graph
+from stip.passes.partition import Partition
+from stip.passes.solve import Solution, use_key
+
+SECURITY_NOTES = [
+    "Protects PRIVATE weights only: if the weights are public or fine-tuned from a public base, matching sorted "
+    "values or weight directions recovers the permutations and the user's tokens (arXiv 2505.18332, ArrowMatch).",
+    "The server sees exact attention scores (Q K^T) and every order-invariant statistic (norms, sorted values) "
+    "of each activation.",
+    "Known plaintext: one pair (x, x.pi) reveals pi. Rotate keys (recompile) and use separate keys per user group.",
+    "A fixed output permutation observed through many argmax results is a substitution cipher (frequency analysis).",
+    "Semi-honest parties assumed; the model developer and the server must not collude, nor the server and users.",
+]
+
+DTYPE = {v: k for k, v in onnx.TensorProto.DataType.items()}
+
+
+def log10_factorial(n: int) -> float:
+    return math.lgamma(n + 1) / math.log(10)
+
+
+def describe_spaces(g: Graph, sol: Solution) -> list[dict]:
+    uses: Counter[int] = Counter()
+    for axis in sol.spaces.axes():
+        if "@" in axis[0]:
+            c = sol.spaces.find(sol.spaces.id(axis))
+            if c in sol.permuted:
+                uses[c] += 1
+    rows = []
+    for c, name in sorted(sol.permuted.items(), key=lambda kv: _order(kv[1])):
+        link = sol.link(c)
+        if link:
+            parts = [f"{sol.spaces.info(x).size}" + ("" if x in sol.permuted else " (fixed)") for x in link]
+            structure = " x ".join(parts)
+            inner = link[-1]
+            if inner in sol.dependent:
+                structure += " (whole-head + per-head inner permutations)"
+            elif inner in sol.permuted:
+                structure += " (whole-head + shared inner permutation)"
+        elif c in sol.dependent:
+            structure = f"per-head: {sol.sizes[sol.dependent[c]]} independent permutations"
+        else:
+            structure = "flat"
+        rows.append({"name": name, "size": sol.sizes[c], "structure": structure, "constants": uses[c],
+                     "log10_choices": round(_log10_choices(sol, c), 1)})
+    return rows
+
+
+def _log10_choices(sol: Solution, c: int) -> float:
+    link = sol.link(c)
+    if link:
+        return sum(_log10_choices(sol, x) for x in link if x in sol.permuted)
+    n = log10_factorial(sol.sizes[c])
+    if c in sol.dependent:
+        n *= sol.sizes[sol.dependent[c]]
+    return n
+
+
+def _order(name: str) -> tuple:
+    head = name.split(".")[0]
+    if head == "hidden":
+        return (0, 0, name)
+    if head.startswith("layer") and head[5:].isdigit():
+        return (1, int(head[5:]), name)
+    return (2, 0, name)
+
+
+def _fmt_shape(g: Graph, name: str) -> list:
+    return [d if isinstance(d, int) else str(d) for d in g.shapes.get(name, [])]
+
+
+def plaintext_crossings(g: Graph, sol: Solution, part: Partition) -> list[dict]:
+    rows = []
+    nodes = g.model.graph.node
+    for t in part.crossing:
+        p = g.producer.get(t)
+        op = nodes[p].op_type if p is not None else "?"
+        classes = sol.classes(t, len(g.shapes.get(t, [])))
+        spaces = [sol.name(c) for c in classes if c is not None]
+        if spaces:
+            reveals = (f"permuted features (spaces: {', '.join(spaces)}); order-invariant statistics such as norms "
+                       "and sorted values are visible")
+            kind = "permuted"
+        elif op in ("Shape", "Size"):
+            reveals = f"batch size and sequence length (shape of '{nodes[p].input[0]}')"
+            kind = "plaintext"
+        else:
+            reveals = "values in plaintext"
+            kind = "plaintext"
+        rows.append({"tensor": t, "from": "client.pre", "dtype": DTYPE.get(g.dtypes.get(t, 0), "?"),
+                     "shape": _fmt_shape(g, t), "kind": kind, "reveals": reveals})
+    for n in part.public:
+        if n not in {x for i in part.server_nodes for x in nodes[i].input}:
+            continue
+        low = n.lower()
+        if "mask" in low:
+            reveals = "padding pattern: which positions are padding, hence each sequence's true length"
+        elif "position" in low:
+            reveals = "token positions"
+        else:
+            reveals = "its values, in plaintext"
+        rows.append({"tensor": n, "from": "user input", "dtype": DTYPE.get(g.dtypes.get(n, 0), "?"),
+                     "shape": _fmt_shape(g, n), "kind": "plaintext", "reveals": reveals})
+    return rows
+
+
+def unplaced_nodes(sol: Solution) -> list[dict]:
+    return [{"node": b.node, "op": b.op, "reason": b.reason} for b in sol.blockers]
+
+
+def layer_count(sol: Solution) -> int:
+    return sum(1 for n in sol.permuted.values() if n.endswith(".heads"))
+
+
+def model_summary(g: Graph, sol: Solution, part: Partition | None) -> dict:
+    ops = Counter(n.op_type for n in g.model.graph.node)
+    params = sum(int(v.size) for v in g.constants.values())
+    weights = sum(1 for idx, n in enumerate(g.model.graph.node) for j, x in enumerate(n.input)
+                  if x in g.constants and g.constants[x].ndim >= 2
+                  and any(c is not None for c in sol.classes(use_key(x, idx, j), g.constants[x].ndim)))
+    out = {
+        "model": str(g.path),
+        "opset": next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), None),
+        "producer": f"{g.model.producer_name} {g.model.producer_version}".strip(),
+        "nodes": len(g.model.graph.node),
+        "parameters": params,
+        "permuted_weights": weights,
+        "layers": layer_count(sol),
+        "ops": dict(sorted(ops.items())),
+        "inputs": [{"name": n, "shape": _fmt_shape(g, n), "dtype": DTYPE.get(g.dtypes.get(n, 0), "?")}
+                   for n in g.input_names],
+        "outputs": [{"name": n, "shape": _fmt_shape(g, n),
+                     "spaces": [sol.name(c) for c in sol.classes(n, len(g.shapes.get(n, [])))]}
+                    for n in g.output_names],
+        "spaces": describe_spaces(g, sol),
+        "unplaced": unplaced_nodes(sol),
+        "security_notes": SECURITY_NOTES,
+    }
+    if part is not None:
+        out["private_inputs"] = part.private
+        out["public_inputs"] = part.public
+        out["client_pre_nodes"] = len(part.pre_nodes)
+        out["server_nodes"] = len(part.server_nodes)
+        out["crosses_to_server"] = plaintext_crossings(g, sol, part)
+    return out
+
+
+def render(report: dict) -> str:
+    """Readable text, in the spirit of `polygraphy inspect model`."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    buf = StringIO()
+    con = Console(file=buf, width=120, force_terminal=False, color_system=None)
+    if "bundle" in report:
+        b = report["bundle"]
+        con.print(f"[b]STIP bundle[/b] {b['path']}  key id {b['key_id']}")
+        t = Table("party", "file", "size", "holds", title="What each party gets")
+        for row in b["files"]:
+            t.add_row(row["party"], row["file"], _human(row["bytes"]), row["holds"])
+        con.print(t)
+        con.print(f"client bundle: {_human(b['client_bytes'])}   server bundle: {_human(b['server_bytes'])}")
+    if "model" in report:
+        con.print(f"[b]Model[/b] {report['model']}  opset {report['opset']}  {report['nodes']} nodes  "
+                  f"{report['parameters']:,} parameters  {report['layers']} attention layers  "
+                  f"{report['permuted_weights']} permuted weights")
+        if "private_inputs" in report:
+            con.print(f"private inputs (client only): {', '.join(report['private_inputs']) or '-'}")
+            con.print(f"public inputs: {', '.join(report['public_inputs']) or '-'}")
+            con.print(f"client pre graph: {report['client_pre_nodes']} nodes; server graph: "
+                      f"{report['server_nodes']} nodes")
+        t = Table("space", "size", "structure", "constants", "log10(choices)", title="Permutation spaces")
+        for s in report["spaces"]:
+            t.add_row(s["name"], str(s["size"]), s["structure"], str(s["constants"]), f"{s['log10_choices']:.1f}")
+        con.print(t)
+        t = Table("output", "shape", "spaces (un-permuted by client.post)", title="Outputs")
+        for o in report["outputs"]:
+            t.add_row(o["name"], str(o["shape"]), ", ".join(x or "-" for x in o["spaces"]))
+        con.print(t)
+    if report.get("crosses_to_server"):
+        t = Table("tensor", "from", "dtype", "shape", "kind", "what the server learns", title="Crosses to server")
+        for r in report["crosses_to_server"]:
+            t.add_row(r["tensor"], r["from"], r["dtype"], str(r["shape"]), r["kind"], r["reveals"])
+        con.print(t)
+    if "unplaced" in report:
+        if report["unplaced"]:
+            t = Table("op", "node", "reason", title="Nodes the compiler could not place")
+            for r in report["unplaced"]:
+                t.add_row(r["op"], r["node"], r["reason"])
+            con.print(t)
+        else:
+            con.print("every node placed: no blockers")
+    if report.get("security_notes"):
+        con.print("[b]Security notes[/b]")
+        for n in report["security_notes"]:
+            con.print(f" - {n}")
+    return buf.getvalue()
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

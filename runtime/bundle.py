@@ -1,0 +1,104 @@
+"""Run a compiled bundle: pre on the user's side, the server graph, post back on the user's side.
+
+Why one class for all three: verify, the examples and the benchmarks need the same composition, and the
+key id check (a client bundle from another compile must fail loudly) belongs in exactly one place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from stip.passes.build import KEY_ID_PROP
+from stip.passes.errors import StipError
+from stip.runtime.sessions import make_session
+
+CLIENT_MANIFEST = "stip.json"
+
+
+def model_key_id(path: Path) -> str:
+    m = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in m.metadata_props}
+    if KEY_ID_PROP not in props:
+        raise StipError(f"{path}: not a stip bundle graph (no {KEY_ID_PROP} metadata)")
+    return props[KEY_ID_PROP]
+
+
+class Client:
+    """The user's half: runs pre (permuted embedding) and post (un-permute outputs) locally."""
+
+    def __init__(self, client_dir: str | Path, device: str = "cpu"):
+        d = Path(client_dir)
+        man = d / CLIENT_MANIFEST
+        if not man.exists():
+            raise StipError(f"{d}: not a stip client bundle (missing {CLIENT_MANIFEST})")
+        self.manifest = json.loads(man.read_text())
+        self.key_id = self.manifest["key_id"]
+        for name in ("pre.onnx", "post.onnx"):
+            got = model_key_id(d / name)
+            if got != self.key_id:
+                raise StipError(f"{d / name}: key id {got} does not match the client bundle's {self.key_id}")
+        self.pre = make_session(d / "pre.onnx", device)
+        self.post = make_session(d / "post.onnx", device)
+        self.input_names = self.manifest["inputs"]
+        self.output_names = self.manifest["outputs"]
+
+    def check_server(self, server_key_id: str, where: str) -> None:
+        if server_key_id != self.key_id:
+            raise StipError(f"{where}: server graph key id {server_key_id} does not match client key id "
+                            f"{self.key_id}; the two bundles come from different compiles")
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Returns (what the server receives, pre outputs kept locally for post)."""
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise StipError(f"missing model input(s): {', '.join(missing)}")
+        pre_in = {i.name: feeds[i.name] for i in self.pre.get_inputs()}
+        pre_out = dict(zip([o.name for o in self.pre.get_outputs()], self.pre.run(None, pre_in)))
+        to_server = {n: pre_out[n] for n in self.manifest["crossing"]}
+        for n in self.manifest["public"]:
+            to_server[n] = feeds[n]
+        return to_server, pre_out
+
+    def finish(self, server_out: dict[str, np.ndarray], pre_out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        avail = {**pre_out, **server_out}
+        post_in = {i.name: avail[i.name] for i in self.post.get_inputs()}
+        return dict(zip(self.output_names, self.post.run(self.output_names, post_in)))
+
+
+class Server:
+    """The cloud's half: the permuted server graph and nothing else."""
+
+    def __init__(self, server_dir: str | Path, device: str = "auto"):
+        d = Path(server_dir)
+        path = d / "model.onnx"
+        if not path.exists():
+            raise StipError(f"{d}: not a stip server bundle (missing model.onnx)")
+        self.key_id = model_key_id(path)
+        self.session = make_session(path, device)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.path = path
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(None, {n: feeds[n] for n in self.input_names})))
+
+
+class LocalDeployment:
+    """All three parts in one process: for verify, examples and benchmarks."""
+
+    def __init__(self, bundle_dir: str | Path, device: str = "auto"):
+        d = Path(bundle_dir)
+        self.client = Client(d / "client", device="cpu")
+        self.server = Server(d / "server", device)
+        self.client.check_server(self.server.key_id, str(d / "server" / "model.onnx"))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        to_server, pre_out = self.client.prepare(feeds)
+        return self.client.finish(self.server.run(to_server), pre_out)

@@ -1,0 +1,48 @@
+"""ONNX Runtime sessions with a deliberate provider choice.
+
+Why: onnxruntime-gpu lists CUDA even on machines without a GPU and silently falls back to CPU after printing a
+library error. We only ask for CUDA when a GPU is visible, and callers can log `session.get_providers()`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import onnxruntime as ort
+from stip.passes.errors import StipError
+
+
+def gpu_visible() -> bool:
+    return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
+
+
+def providers_for(device: str = "auto") -> list[str]:
+    avail = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in avail or not gpu_visible():
+            raise StipError("--device cuda: no CUDA GPU or CUDA execution provider is available here")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device != "auto":
+        raise StipError(f"--device {device}: expected auto, cpu or cuda")
+    if "CUDAExecutionProvider" in avail and gpu_visible():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(model: str | Path | bytes, device: str = "auto", threads: int = 0) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    src = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(src, so, providers=providers_for(device))
+    except StipError:
+        raise
+    except Exception as e:
+        where = "model bytes" if isinstance(model, bytes) else str(model)
+        raise StipError(f"{where}: onnxruntime cannot load it: {str(e).splitlines()[0][:200]}")
