@@ -48,7 +48,7 @@ def export(
     """Export with dynamic axes under either exporter; output names follow `outputs`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = _Plain(model.eval(), outputs)
+    wrapper = _Plain(model.eval(), outputs).eval()
     wrapper.input_names = list(inputs)
     args = tuple(inputs.values())
     dynamic = dynamic or {}
@@ -139,6 +139,33 @@ def export_vit(path, *, dynamo: bool, opset: int = 17, seed: int = 0, config=Non
     inputs = {"pixel_values": torch.randn(2, cfg.num_channels, cfg.image_size, cfg.image_size)}
     return export(model, inputs, ["logits"], path, dynamo=dynamo, opset=opset,
                   dynamic={"pixel_values": {0: "batch"}})
+
+
+def export_encoder(path, family: str, *, dynamo: bool, opset: int = 17, seed: int = 0):
+    """Other encoders built from the same op vocabulary (no stip code is specific to any of them)."""
+    import transformers as tf
+
+    small = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=64)
+    if family == "roberta":
+        cfg, cls = tf.RobertaConfig(**small, type_vocab_size=1, pad_token_id=1), tf.RobertaModel
+    elif family == "electra":
+        cfg, cls = tf.ElectraConfig(**small, embedding_size=16), tf.ElectraModel
+    elif family == "distilbert":
+        cfg = tf.DistilBertConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                  max_position_embeddings=64)
+        cls = tf.DistilBertModel
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = randomize_(cls(cfg), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "input_ids": torch.randint(2, cfg.vocab_size, (2, 8), generator=g),
+        "attention_mask": torch.ones(2, 8, dtype=torch.int64),
+    }
+    dyn = {k: {0: "batch", 1: "sequence"} for k in inputs}
+    return export(model, inputs, ["last_hidden_state"], path, dynamo=dynamo, opset=opset, dynamic=dyn)
 
 
 def main() -> None:

@@ -1,0 +1,58 @@
+"""Shared fixtures: real exporter output from small randomized transformers configs, exported once per session."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import export_models  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+class ModelZoo:
+    """Exports on first use and caches by (family, exporter, opset)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cache: dict[tuple, Path] = {}
+
+    def get(self, family: str, dynamo: bool = False, opset: int = 17) -> Path:
+        key = (family, dynamo, opset)
+        if key not in self.cache:
+            path = self.root / f"{family}-{'dynamo' if dynamo else 'ts'}-op{opset}.onnx"
+            EXPORTERS[family](path, dynamo=dynamo, opset=opset)
+            self.cache[key] = path
+        return self.cache[key]
+
+
+EXPORTERS = {
+    "bert": lambda p, **kw: export_models.export_bert(p, **kw),
+    "bert-cls": lambda p, **kw: export_models.export_bert(p, classifier=True, **kw),
+    "vit": lambda p, **kw: export_models.export_vit(p, **kw),
+    "roberta": lambda p, **kw: export_models.export_encoder(p, "roberta", **kw),
+    "distilbert": lambda p, **kw: export_models.export_encoder(p, "distilbert", **kw),
+    "electra": lambda p, **kw: export_models.export_encoder(p, "electra", **kw),
+}
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> ModelZoo:
+    return ModelZoo(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def bert_bundle(zoo, tmp_path_factory):
+    """One compiled BertModel shared by the read-only tests (hygiene, inspect)."""
+    from stip.compiler.pipeline import compile_model
+
+    model = zoo.get("bert")
+    out = tmp_path_factory.mktemp("bundles") / "bert"
+    compile_model(model, out)
+    return model, out
