@@ -136,6 +136,9 @@ def partition(g: Graph, private: list[str]) -> Partition:
                     raise StipError(f"{g.path}: {g.node_label(idx)} reads private input '{x}' directly and "
                                     "cannot run on the server (mark the input --public if it is not private)")
     server -= shape_to_pre
+    if not server:
+        raise StipError(f"{g.path}: nothing is left for the server: every op reading the private inputs is cheap "
+                        "enough to run on the client (no MatMul/Gemm on the feature path)")
     pre_core = eligible | shape_to_pre
     pre = set(pre_core)
     stack = [x for i in pre_core for x in nodes[i].input if x]

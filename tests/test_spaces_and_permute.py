@@ -1,0 +1,77 @@
+"""Union-find with structure links, and folding permutations into constants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from stip.passes.permute import Permutations, fold, inverse
+from stip.passes.spaces import SpaceConflict, Spaces
+
+
+def test_union_merges_links_componentwise():
+    s = Spaces()
+    a, b = s.id(("a", 0), 32), s.id(("b", 0), 32)
+    h1, i1, h2, i2 = (s.id((n, 0), sz) for n, sz in (("h1", 4), ("i1", 8), ("h2", 4), ("i2", 8)))
+    s.link(a, [h1, i1])
+    s.link(b, [h2, i2])
+    s.union(a, b)
+    assert s.find(h1) == s.find(h2) and s.find(i1) == s.find(i2)
+
+
+def test_size_mismatch_is_a_conflict():
+    s = Spaces()
+    with pytest.raises(SpaceConflict, match="size 4 and 8"):
+        s.union(s.id(("a", 0), 4), s.id(("b", 0), 8))
+
+
+def test_fix_keeps_first_reason():
+    s = Spaces()
+    a = s.id(("a", 0), 4)
+    s.fix(a, "first")
+    s.fix(a, "second")
+    assert s.info(a).fixed == "first"
+
+
+class _FakeSolution:
+    """Just enough of Solution for fold(): one head space (3) and a per-head inner space (4) under a whole (12)."""
+
+    def __init__(self):
+        self.spaces = Spaces()
+        self.head = self.spaces.id(("h", 0), 3)
+        self.inner = self.spaces.id(("i", 0), 4)
+        self.whole = self.spaces.id(("w", 0), 12)
+        self.spaces.link(self.whole, [self.head, self.inner])
+        self.permuted = {self.head: "heads", self.inner: "inner", self.whole: "qk"}
+        self.sizes = {self.head: 3, self.inner: 4, self.whole: 12}
+        self.dependent = {self.inner: self.head}
+
+    def link(self, c):
+        return self.spaces.link_of(c)
+
+
+def test_whole_permutation_composes_heads_and_per_head_inner():
+    sol = _FakeSolution()
+    rng = np.random.default_rng(0)
+    hp = rng.permutation(3)
+    ip = np.stack([rng.permutation(4) for _ in range(3)])
+    perms = Permutations(sol, {sol.head: hp, sol.inner: ip})
+    p = perms.vector(sol.whole)
+    assert sorted(p) == list(range(12))
+    for h in range(3):
+        for i in range(4):
+            assert p[h * 4 + i] == hp[h] * 4 + ip[h][i]
+    # a [12, 5] weight permuted on its rows equals the same weight viewed [3, 4, 5] permuted by head/inner axes
+    w = rng.standard_normal((12, 5))
+    flat = fold(w, [sol.whole, None], perms)
+    split = fold(w.reshape(3, 4, 5), [sol.head, sol.inner, None], perms).reshape(12, 5)
+    np.testing.assert_array_equal(flat, split)
+    # and with the head axis after the inner axis
+    wt = w.reshape(3, 4, 5).transpose(1, 0, 2)
+    np.testing.assert_array_equal(fold(wt, [sol.inner, sol.head, None], perms).transpose(1, 0, 2).reshape(12, 5),
+                                  flat)
+
+
+def test_inverse():
+    p = np.random.default_rng(1).permutation(50)
+    x = np.arange(50) * 3.0
+    np.testing.assert_array_equal(x[p][inverse(p)], x)
