@@ -113,9 +113,11 @@ def test_conv_patch_embedding_channels(tmp_path):
     x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["B", 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4, 6])
     nodes = [helper.make_node("Conv", ["pixels", "w", "b"], ["c"], strides=[4, 4], kernel_shape=[4, 4]),
-             helper.make_node("Reshape", ["c", "shp"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("Reshape", ["c", "shp"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
              helper.make_node("MatMul", ["t", "w2"], ["y"])]
-    m = model(nodes, [x], [y], [weight("w", 8, 3, 4, 4), weight("b", 8), ints("shp", [0, 8, -1]), weight("w2", 8, 6)])
+    inits = [weight("w", 8, 3, 4, 4), weight("b", 8), ints("shp", [0, 8, -1]), weight("w2", 8, 6)]
+    m = model(nodes, [x], [y], inits)
     feeds = {"pixels": np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)}
     g, sol, part = check(tmp_path, m, feeds)
     assert part.private == ["pixels"]
