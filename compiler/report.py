@@ -150,6 +150,8 @@ def model_summary(g: Graph, sol: Solution, part: Partition | None) -> dict:
         out["client_pre_nodes"] = len(part.pre_nodes)
         out["server_nodes"] = len(part.server_nodes)
         out["crosses_to_server"] = plaintext_crossings(g, sol, part)
+        pre_consts = {x for i in part.pre_nodes for x in g.model.graph.node[i].input if x in g.constants}
+        out["client_bytes_estimate"] = int(sum(g.constants[x].nbytes for x in pre_consts))
     return out
 
 
@@ -177,7 +179,8 @@ def render(report: dict) -> str:
         if "private_inputs" in report:
             con.print(f"private inputs (client only): {', '.join(report['private_inputs']) or '-'}")
             con.print(f"public inputs: {', '.join(report['public_inputs']) or '-'}")
-            con.print(f"client pre graph: {report['client_pre_nodes']} nodes; server graph: "
+            con.print(f"client pre graph: {report['client_pre_nodes']} nodes, about "
+                      f"{_human(report['client_bytes_estimate'])} of weights; server graph: "
                       f"{report['server_nodes']} nodes")
         t = Table("space", "size", "structure", "constants", "log10(choices)", title="Permutation spaces")
         for s in report["spaces"]:

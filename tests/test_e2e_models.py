@@ -64,3 +64,13 @@ def test_spaces_follow_stip(zoo):
     assert report["layers"] == 2
     assert report["private_inputs"] == ["input_ids", "token_type_ids"]
     assert report["public_inputs"] == ["attention_mask"]
+
+
+def test_external_data_server_bundle(zoo, tmp_path):
+    """Large models keep server weights in model.onnx.data (protobuf stops at 2 GiB); forced here on a small one."""
+    model = zoo.get("bert")
+    compile_model(model, tmp_path / "out", external_data="always")
+    server = tmp_path / "out" / "server"
+    assert (server / "model.onnx.data").stat().st_size > (server / "model.onnx").stat().st_size
+    feeds = random_feeds(model, batch=2, seq=9)
+    assert_equivalent(run_model(model, feeds), LocalDeployment(tmp_path / "out", device="cpu").run(feeds))
