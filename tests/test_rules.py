@@ -144,3 +144,18 @@ def test_unsupported_op_on_hidden_path_is_a_named_blocker(tmp_path):
 ])
 def test_group_axes(ins, out, expected):
     assert group_axes(ins, out) == expected
+
+
+def test_shared_constant_is_duplicated_per_permutation(tmp_path):
+    """Exporters share identical initializers (and scalars) between unrelated ops; each use gets its own copy."""
+    nodes = [helper.make_node("MatMul", ["h", "w1"], ["a"]), helper.make_node("Add", ["a", "b"], ["a2"]),
+             helper.make_node("MatMul", ["h", "w2"], ["c"]), helper.make_node("Add", ["c", "b"], ["c2"]),
+             helper.make_node("MatMul", ["a2", "w3"], ["p"]), helper.make_node("MatMul", ["c2", "w4"], ["q"]),
+             helper.make_node("Add", ["p", "q"], ["y"])]
+    inits = [weight("w1", 8, 6), weight("w2", 8, 6), weight("b", 6), weight("w3", 6, 5), weight("w4", 6, 5)]
+    g, sol, part = check(tmp_path, embed_then(nodes, ["B", "S", 5], inits))
+    a, c = space_of(sol, g, "a2", 2), space_of(sol, g, "c2", 2)
+    assert a != c and a is not None and c is not None
+    _, _, _, _, bundle = compile_in_memory(tmp_path / "m.onnx")
+    copies = [t.name for t in bundle.server.graph.initializer if t.name.startswith("b.")]
+    assert len(copies) == 2
