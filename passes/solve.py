@@ -314,6 +314,18 @@ def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, i
             r = len(g.shapes.get(n.input[0], []))
             if r >= 2 and sp.has((n.input[0], r - 1)):
                 qk_inner.add(sp.find(sp.id((n.input[0], r - 1))))
+    # intermediate spaces that a weight projects back into the hidden space (FFN up/down pairs)
+    feeds_hidden: set[int] = set()
+    for idx, n in enumerate(g.model.graph.node):
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in g.constants:
+            w = g.constants[n.input[1]]
+            if w.ndim != 2:
+                continue
+            rows, cols = (1, 0) if (n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)) \
+                else (0, 1)
+            key = use_key(n.input[1], idx, 1)
+            if sp.has((key, rows)) and sp.has((key, cols)) and sp.find(sp.id((key, cols))) == hidden:
+                feeds_hidden.add(sp.find(sp.id((key, rows))))
     heads = sorted({sp.link_of(c)[0] for c in permuted if sp.link_of(c) and len(sp.link_of(c)) == 2
                     and sp.link_of(c)[0] in permuted}, key=lambda c: first_node.get(c, 1 << 30))
     layer_of_head = {h: i for i, h in enumerate(heads)}
@@ -336,11 +348,15 @@ def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, i
             names[c] = f"layer{layer_of_head.get(h, '?')}.{kind}.inner"
         elif c in out_classes:
             names[c] = "out"
-        else:
+        elif heads and first_node.get(c, 0) < first_node.get(heads[0], 0):
+            names[c] = "embedding"
+        elif c in feeds_hidden:
             layer = _layer_before(first_node.get(c, 0), heads, first_node)
             k = ffn_count.get(layer, 0)
             ffn_count[layer] = k + 1
             names[c] = f"layer{layer}.ffn" + (f"{k}" if k else "")
+        else:
+            names[c] = "dense"
     # disambiguate duplicates (two outputs, two qk spaces sharing heads, ...)
     seen: dict[str, int] = {}
     for c in order:
