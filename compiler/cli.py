@@ -43,9 +43,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
     sizes = report["bundle_sizes"]
     print(f"wrote {a.output}  key id {report['key_id']}  {len(report['spaces'])} spaces, "
           f"{report['layers']} attention layers, {report['permuted_weights']} permuted weights")
-    print(f"  server/model.onnx        {sizes['server_bytes'] / 2**20:.1f} MiB (permuted weights, no key)")
-    print(f"  client/pre.onnx post.onnx {sizes['client_bytes'] / 2**20:.1f} MiB (for users)")
-    print("  developer/key.npz        the key (mode 0600): never ship it")
+    print(f"  server/                {sizes['server_bytes'] / 2**20:8.1f} MiB  permuted weights, no key")
+    print(f"  client/                {sizes['client_bytes'] / 2**20:8.1f} MiB  pre.onnx + post.onnx, for users")
+    print("  developer/key.npz                    the key (mode 0600): never ship it")
     print(f"next: stip verify {a.output} --original {a.model}")
     return 0
 

@@ -20,7 +20,7 @@ SECURITY_NOTES = [
     "Semi-honest parties assumed; the model developer and the server must not collude, nor the server and users.",
 ]
 
-DTYPE = {v: k for k, v in onnx.TensorProto.DataType.items()}
+DTYPE = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
 
 
 def log10_factorial(n: int) -> float:
