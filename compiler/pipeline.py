@@ -21,7 +21,7 @@ from stip.passes.permute import draw
 from stip.passes.solve import Solution, require_transformer, solve
 from stip.runtime.bundle import CLIENT_MANIFEST
 
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which the server graph uses external data
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # serialized bytes above which the server graph uses external data
 Progress = Callable[[str, int | None], Callable[[], None]]
 
 
@@ -54,7 +54,7 @@ def analyse(model_path: str | Path, private: list[str] | None = None, public: li
 
 
 def _save(model: onnx.ModelProto, path: Path, external: str) -> None:
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    size = model.ByteSize()
     if external == "always" or (external == "auto" and size > EXTERNAL_DATA_THRESHOLD):
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
@@ -76,17 +76,9 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
     out = Path(out_dir)
     check_output_dir(out, force)
     step = progress or (lambda _label, _total: (lambda: None))
-    tick = step("analysing graph", None)
-    a = analyse(model_path, private, public)
-    tick()
-    g, sol, part = a.graph, a.solution, a.partition
-    assert part is not None
-    key_id = new_key_id()
-    perms = draw(sol, csprng())
-    uses = sum(1 for i in part.pre_nodes + part.server_nodes for x in g.model.graph.node[i].input
-               if x in g.constants)
-    bundle = build(g, sol, perms, part, key_id, progress=step("folding permutations into weights", uses))
-    report = model_summary(g, sol, part)
+    bundle, report, manifest, key = _compile_in_memory(model_path, private, public, step)
+    # The analysis (every weight as numpy) was freed when _compile_in_memory returned: peak RSS while saving is
+    # the three bundle models plus one serialized copy, not the original model on top.
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stip-tmp", dir=out.parent))
@@ -99,17 +91,9 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
         _save(bundle.server, tmp / "server" / "model.onnx", external_data)
         _save(bundle.pre, tmp / "client" / "pre.onnx", "never")
         _save(bundle.post, tmp / "client" / "post.onnx", "never")
-        manifest = {
-            "key_id": key_id,
-            "inputs": g.input_names,
-            "private": part.private,
-            "public": [n for n in part.public if n in {i.name for i in bundle.server.graph.input}],
-            "crossing": [i.name for i in bundle.server.graph.input if i.name not in g.input_names],
-            "outputs": g.output_names,
-        }
         (tmp / "client" / CLIENT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        write_key(tmp / "developer" / KEY_FILE, key_id, perms.by_name())
-        report["key_id"] = key_id
+        write_key(tmp / "developer" / KEY_FILE, manifest["key_id"], key)
+        report["key_id"] = manifest["key_id"]
         report["bundle_sizes"] = {
             "client_bytes": sum(f.stat().st_size for f in (tmp / "client").iterdir()),
             "server_bytes": sum(f.stat().st_size for f in (tmp / "server").iterdir()),
@@ -121,6 +105,30 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _compile_in_memory(model_path, private, public, step):
+    tick = step("analysing graph", None)
+    a = analyse(model_path, private, public)
+    tick()
+    g, sol, part = a.graph, a.solution, a.partition
+    assert part is not None
+    key_id = new_key_id()
+    perms = draw(sol, csprng())
+    uses = sum(1 for i in part.pre_nodes + part.server_nodes for x in g.model.graph.node[i].input
+               if x in g.constants)
+    bundle = build(g, sol, perms, part, key_id, progress=step("folding permutations into weights", uses))
+    report = model_summary(g, sol, part)
+    server_inputs = {i.name for i in bundle.server.graph.input}
+    manifest = {
+        "key_id": key_id,
+        "inputs": g.input_names,
+        "private": part.private,
+        "public": [n for n in part.public if n in server_inputs],
+        "crossing": [i.name for i in bundle.server.graph.input if i.name not in g.input_names],
+        "outputs": g.output_names,
+    }
+    return bundle, report, manifest, perms.by_name()
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -6,7 +6,7 @@ Why: exporters hide constants in Constant nodes and Identity chains, and the sol
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,22 +63,18 @@ class Graph:
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
-    """Read a model file (external data included) or raise a one-line StipError naming the file."""
+    """Read the graph without pulling external weights into the protobuf (they are read per tensor later)."""
     p = Path(path)
     if not p.exists():
         raise StipError(f"{p}: no such file")
     if p.is_dir():
         raise StipError(f"{p}: is a directory, expected an .onnx file")
     try:
-        model = onnx.load(str(p), load_external_data=True)
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # protobuf raises several unrelated types for junk input
         raise StipError(f"{p}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not model.graph.node:
         raise StipError(f"{p}: not an ONNX model (no graph nodes; is the file truncated or of another format?)")
-    try:
-        onnx.checker.check_model(str(p), full_check=False)
-    except Exception as e:
-        raise StipError(f"{p}: invalid ONNX model: {str(e).splitlines()[0][:200]}")
     return model
 
 
@@ -129,23 +125,56 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _skeleton(model: onnx.ModelProto, big: int = 4096) -> onnx.ModelProto:
-    """A copy for shape inference where large weights become typed inputs, so inference never copies them."""
+def _tensor_array(t: onnx.TensorProto, path: Path) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(t, base_dir=str(path.parent))
+    except (FileNotFoundError, OSError) as e:
+        raise StipError(f"{path}: external data of initializer '{t.name}' cannot be read ({e})")
+    except Exception as e:
+        raise StipError(f"{path}: initializer '{t.name}' is unreadable ({str(e).splitlines()[0][:120]})")
+
+
+def _skeleton(model: onnx.ModelProto, path: Path, big: int = 4096) -> onnx.ModelProto:
+    """A self-contained copy without large weights (they become typed inputs), for checking and shape inference.
+
+    Why: the checker and shape inference then never copy or re-read the weights, which keeps compile time and
+    peak memory near one copy of the model.
+    """
     g = model.graph
-    small = [t for t in g.initializer if int(np.prod(t.dims)) <= big]
-    large = [t for t in g.initializer if int(np.prod(t.dims)) > big]
+    small, large = [], []
+    for t in g.initializer:
+        (small if int(np.prod(t.dims)) <= big else large).append(t)
     sk = helper.make_model(
         helper.make_graph(
             list(g.node),
-            g.name,
+            g.name or "graph",
             list(g.input) + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large],
             list(g.output),
-            small,
+            [numpy_helper.from_array(_tensor_array(t, path), t.name) for t in small],
         ),
         opset_imports=list(model.opset_import),
     )
     sk.ir_version = model.ir_version
+    for f in model.functions:
+        sk.functions.append(f)
     return sk
+
+
+def _light(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without initializers: weights live as numpy arrays in Graph.constants from here on."""
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.producer_name = model.producer_name
+    m.producer_version = model.producer_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.metadata_props.extend(model.metadata_props)
+    g = model.graph
+    m.graph.name = g.name
+    m.graph.node.extend(g.node)
+    m.graph.input.extend(g.input)
+    m.graph.output.extend(g.output)
+    return m
 
 
 def _dims(vi: onnx.ValueInfoProto) -> tuple[list[Dim] | None, int]:
@@ -163,13 +192,24 @@ def _dims(vi: onnx.ValueInfoProto) -> tuple[list[Dim] | None, int]:
     return out, tt.elem_type
 
 
-def infer_shapes(model: onnx.ModelProto, path: Path) -> tuple[dict[str, list[Dim]], dict[str, int]]:
-    """Symbolic shapes for every tensor; ORT's symbolic inference follows Shape->Gather->Concat->Reshape chains."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+@functools.cache
+def _symbolic_shape_inference():
+    """ORT's symbolic shape inference, loaded from its file: importing `onnxruntime.tools` pulls in torch."""
+    import importlib.util
 
-    sk = _skeleton(model)
+    import onnxruntime
+
+    path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location("stip_symbolic_shape_infer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.SymbolicShapeInference
+
+
+def infer_shapes(sk: onnx.ModelProto, path: Path, initializers) -> tuple[dict[str, list[Dim]], dict[str, int]]:
+    """Symbolic shapes for every tensor; ORT's symbolic inference follows Shape->Gather->Concat->Reshape chains."""
     try:
-        inferred = SymbolicShapeInference.infer_shapes(sk, auto_merge=True, guess_output_rank=True)
+        inferred = _symbolic_shape_inference().infer_shapes(sk, auto_merge=True, guess_output_rank=True)
     except Exception:
         inferred = None
     if inferred is None:
@@ -185,23 +225,24 @@ def infer_shapes(model: onnx.ModelProto, path: Path) -> tuple[dict[str, list[Dim
         if s is not None:
             shapes[vi.name] = s
         dtypes[vi.name] = t
-    for t in model.graph.initializer:
+    for t in initializers:
         shapes[t.name] = [int(d) for d in t.dims]
         dtypes[t.name] = t.data_type
     return shapes, dtypes
 
 
 def load_graph(path: str | Path, model: onnx.ModelProto | None = None) -> Graph:
-    """Load, normalise and shape-infer; the single entry point every command uses."""
+    """Load, normalise, check and shape-infer; the single entry point every command uses."""
     p = Path(path)
     model = normalise(model if model is not None else load_model(p))
-    shapes, dtypes = infer_shapes(model, p)
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    g = Graph(model=model, path=p, constants=constants, shapes=shapes, dtypes=dtypes)
+    sk = _skeleton(model, p)
+    try:
+        onnx.checker.check_model(sk, full_check=False)
+    except Exception as e:
+        raise StipError(f"{p}: invalid ONNX model: {str(e).splitlines()[0][:200]}")
+    shapes, dtypes = infer_shapes(sk, p, model.graph.initializer)
+    del sk
+    constants = {t.name: _tensor_array(t, p) for t in model.graph.initializer}
+    g = Graph(model=_light(model), path=p, constants=constants, shapes=shapes, dtypes=dtypes)
     g.index()
     return g
-
-
-def topo_nodes(g: Graph, idxs: Iterable[int]) -> list[int]:
-    """Node indices in graph order (exported graphs are already topologically sorted, as ONNX requires)."""
-    return sorted(set(idxs))
