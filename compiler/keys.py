@@ -8,6 +8,7 @@ import secrets
 from pathlib import Path
 
 import numpy as np
+
 from stip.passes.errors import StipError
 
 KEY_FILE = "key.npz"

@@ -10,9 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+
 from stip.compiler.keys import KEY_FILE, csprng, new_key_id, write_key
 from stip.compiler.report import model_summary
+from stip.compiler.serialize import write_model
 from stip.passes.build import build
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph, load_graph
@@ -54,12 +57,17 @@ def analyse(model_path: str | Path, private: list[str] | None = None, public: li
 
 
 def _save(model: onnx.ModelProto, path: Path, external: str) -> None:
-    size = model.ByteSize()
+    size = weight_bytes(model)  # not ByteSize(): upb computes it by serializing the whole model
     if external == "always" or (external == "auto" and size > EXTERNAL_DATA_THRESHOLD):
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
     else:
-        onnx.save_model(model, str(path))
+        write_model(model, path)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer)
 
 
 def check_output_dir(out: Path, force: bool) -> None:
@@ -117,8 +125,9 @@ def _compile_in_memory(model_path, private, public, step):
     perms = draw(sol, csprng())
     uses = sum(1 for i in part.pre_nodes + part.server_nodes for x in g.model.graph.node[i].input
                if x in g.constants)
-    bundle = build(g, sol, perms, part, key_id, progress=step("folding permutations into weights", uses))
     report = model_summary(g, sol, part)
+    bundle = build(g, sol, perms, part, key_id, progress=step("folding permutations into weights", uses),
+                   release_constants=True)
     server_inputs = {i.name for i in bundle.server.graph.input}
     manifest = {
         "key_id": key_id,

@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 import onnx
+
 from stip.passes.graph import Graph
 from stip.passes.partition import Partition
 from stip.passes.solve import Solution, use_key

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
 from stip.passes.graph import Graph
 from stip.passes.partition import Partition
 from stip.passes.permute import Permutations, fold, inverse
@@ -63,32 +64,41 @@ def new_model(g: Graph, name: str) -> onnx.ModelProto:
 
 
 class _ConstantFolder:
-    """Gives each constant use its permuted copy, sharing copies between uses that need the same permutation."""
+    """Gives each constant use its permuted copy, sharing copies between uses that need the same permutation.
+
+    With `remaining` (use counts), a constant's numpy array is dropped after its last use, so the original
+    weights and the bundle's permuted weights are never both fully in memory.
+    """
 
     def __init__(self, g: Graph, sol: Solution, perms: Permutations, graph: onnx.GraphProto,
-                 progress: Callable[[], None] | None):
+                 progress: Callable[[], None] | None, remaining: dict[str, int] | None):
         self.g, self.sol, self.perms, self.graph = g, sol, perms, graph
         self.made: dict[tuple, str] = {}
         self.progress = progress
+        self.remaining = remaining
 
     def name_for(self, name: str, idx: int, j: int) -> str:
-        value = self.g.constants[name]
-        classes = self.sol.classes(use_key(name, idx, j), value.ndim)
-        sig = (name, tuple(None if (c is None or value.shape[a] == 1) else c for a, c in enumerate(classes)))
-        if sig in self.made:
-            return self.made[sig]
-        permuted = any(c is not None for c in sig[1])
-        new = f"{name}.p{len(self.made)}" if permuted else name
-        add_initializer(self.graph, fold(value, list(sig[1]), self.perms) if permuted else value, new)
-        self.made[sig] = new
+        dims = self.g.shapes[name]
+        classes = self.sol.classes(use_key(name, idx, j), len(dims))
+        sig = (name, tuple(None if (c is None or dims[a] == 1) else c for a, c in enumerate(classes)))
+        if sig not in self.made:
+            value = self.g.constants[name]
+            permuted = any(c is not None for c in sig[1])
+            new = f"{name}.p{len(self.made)}" if permuted else name
+            add_initializer(self.graph, fold(value, list(sig[1]), self.perms) if permuted else value, new)
+            self.made[sig] = new
+        if self.remaining is not None:
+            self.remaining[name] -= 1
+            if self.remaining[name] == 0:
+                del self.g.constants[name]
         if self.progress:
             self.progress()
-        return new
+        return self.made[sig]
 
 
-def _subgraph(g, sol, perms, node_ids, inputs, outputs, name, progress=None) -> onnx.ModelProto:
+def _subgraph(g, sol, perms, node_ids, inputs, outputs, name, progress=None, remaining=None) -> onnx.ModelProto:
     m = new_model(g, name)
-    folder = _ConstantFolder(g, sol, perms, m.graph, progress)
+    folder = _ConstantFolder(g, sol, perms, m.graph, progress, remaining)
     for idx in node_ids:
         src = g.model.graph.node[idx]
         n = m.graph.node.add()
@@ -141,16 +151,24 @@ def _unpermute_nodes(g: Graph, sol: Solution, perms: Permutations, src: str, dst
 
 
 def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id: str,
-          progress: Callable[[], None] | None = None) -> Bundle:
+          progress: Callable[[], None] | None = None, release_constants: bool = False) -> Bundle:
+    """The three graphs. With release_constants, g.constants is consumed (emptied) as weights are folded."""
     graph_inputs = {i.name for i in g.model.graph.input}
     nodes = g.model.graph.node
+    remaining: dict[str, int] | None = None
+    if release_constants:
+        remaining = {}
+        for i in part.pre_nodes + part.server_nodes:
+            for x in nodes[i].input:
+                if x in g.constants:
+                    remaining[x] = remaining.get(x, 0) + 1
 
     # pre: private inputs (and any other input it needs) -> crossing tensors
     pre_needed = {x for i in part.pre_nodes for x in nodes[i].input if x in graph_inputs}
     pre_inputs = [_value_info(g, n) for n in g.input_names if n in pre_needed]
     pre_out_names = [t for t in part.crossing if g.producer.get(t) in set(part.pre_nodes)] + part.pre_outputs
     pre = _subgraph(g, sol, perms, part.pre_nodes, pre_inputs, [_value_info(g, t) for t in pre_out_names],
-                    "stip_pre", progress)
+                    "stip_pre", progress, remaining)
 
     # server: crossing tensors + public inputs -> original outputs (renamed, still permuted)
     server_needed = {x for i in part.server_nodes for x in nodes[i].input if x}
@@ -159,7 +177,7 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     server_outs = [o for o in g.output_names if o not in part.pre_outputs]
     renames = {o: server_output_name(o) for o in server_outs}
     server = _subgraph(g, sol, perms, part.server_nodes, server_inputs,
-                       [_value_info(g, o, renames[o]) for o in server_outs], "stip_server", progress)
+                       [_value_info(g, o, renames[o]) for o in server_outs], "stip_server", progress, remaining)
     _rename_outputs(list(server.graph.node), renames)
 
     # post: undo the output permutations

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
 from stip.passes.errors import StipError
 
 Dim = int | str  # a static size, or a symbolic name for a dynamic axis

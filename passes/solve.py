@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph
 from stip.passes.rules import RULES, fallback

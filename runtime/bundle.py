@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
 from stip.passes.build import KEY_ID_PROP
 from stip.passes.errors import StipError
 from stip.runtime.sessions import make_session

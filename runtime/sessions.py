@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import onnxruntime as ort
+
 from stip.passes.errors import StipError
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from stip.passes.graph import Graph, load_graph
 from stip.passes.partition import value_cone
 from stip.runtime.bundle import LocalDeployment

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
 from stip.passes.build import build
 from stip.passes.graph import load_graph
 from stip.passes.partition import detect_private, partition

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import assert_equivalent, run_model
+
 from stip.compiler.pipeline import compile_model
 from stip.runtime.bundle import LocalDeployment
 from stip.runtime.verify import random_feeds

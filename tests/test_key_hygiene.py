@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+
 from stip.compiler.keys import read_key
 from stip.compiler.pipeline import compile_model
 from stip.passes.errors import StipError

@@ -40,6 +40,7 @@ def test_private_override_still_exact(zoo):
     """Marking only input_ids private: token types are public, yet the client embeds them (it has them anyway)."""
     import numpy as np
     from helpers import assert_equivalent, compile_in_memory, run_model, run_three
+
     from stip.runtime.verify import random_feeds
 
     path = zoo.get("bert")

@@ -7,6 +7,7 @@ import pytest
 from graphs import embed_then, ints, save, weight
 from helpers import assert_equivalent, compile_in_memory, run_model, run_three
 from onnx import helper
+
 from stip.passes.graph import load_graph
 from stip.passes.rules import group_axes
 from stip.passes.solve import solve

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from stip.passes.permute import Permutations, fold, inverse
 from stip.passes.spaces import SpaceConflict, Spaces
 
