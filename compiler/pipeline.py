@@ -47,7 +47,7 @@ def analyse(model_path: str | Path, private: list[str] | None = None, public: li
     priv = detect_private(g, sol, private, public)
     part = None
     try:
-        part = partition(g, priv)
+        part = partition(g, sol, priv)
     except StipError:
         if strict:
             raise

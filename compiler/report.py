@@ -143,6 +143,7 @@ def model_summary(g: Graph, sol: Solution, part: Partition | None) -> dict:
                     for n in g.output_names],
         "spaces": describe_spaces(g, sol),
         "unplaced": unplaced_nodes(sol),
+        "warnings": g.warnings,
         "security_notes": SECURITY_NOTES,
     }
     if part is not None:
@@ -204,6 +205,8 @@ def render(report: dict) -> str:
             con.print(t)
         else:
             con.print("every node placed: no blockers")
+    for w in report.get("warnings", []):
+        con.print(f"warning: {w}")
     if report.get("security_notes"):
         con.print("[b]Security notes[/b]")
         for n in report["security_notes"]:

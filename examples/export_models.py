@@ -168,15 +168,157 @@ def export_encoder(path, family: str, *, dynamo: bool, opset: int = 17, seed: in
     return export(model, inputs, ["last_hidden_state"], path, dynamo=dynamo, opset=opset, dynamic=dyn)
 
 
+class _CausalLM(torch.nn.Module):
+    """Decoder as a function of flat tensors: exporters can neither take nor return a transformers Cache object.
+
+    With `n_cache` layers, `past_key_values.{i}.key/value` kwargs become a DynamicCache and the grown cache comes
+    back as `present.{i}.key/value`; with 0, the cache is switched off so no present computation is traced.
+    """
+
+    def __init__(self, model: torch.nn.Module, n_cache: int = 0):
+        super().__init__()
+        self.model = model
+        self.n_cache = n_cache
+
+    def forward(self, **kw):
+        from transformers import DynamicCache
+
+        if not self.n_cache:
+            return {"logits": self.model(**kw, use_cache=False).logits}
+        past = [(kw.pop(f"past_key_values.{i}.key"), kw.pop(f"past_key_values.{i}.value")) for i in range(self.n_cache)]
+        cache = DynamicCache(ddp_cache_data=past, config=self.model.config)
+        out = self.model(**kw, cache=cache, use_cache=True)  # transformers 5 renamed past_key_values -> cache
+        res = {"logits": out.logits}
+        for i, layer in enumerate(out.cache.layers):
+            res[f"present.{i}.key"], res[f"present.{i}.value"] = layer.keys, layer.values
+        return res
+
+
+def _export_causal_lm(model, path, *, dynamo: bool, opset: int, cache: bool, seed: int,
+                      kv_heads: int, head_dim: int, position_ids: bool) -> Path:
+    """Shared decoder export: sample inputs, dynamic axes and names for both exporters.
+
+    Sample sizes avoid 0/1 and coincidences (batch 2, sequence 4, past 6) so torch.export keeps every dim symbolic.
+    The mask spans past + current tokens; under dynamo that is a separate dim since two dims cannot be added.
+    """
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    b, s, p = 2, 4, 6 if cache else 0
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "input_ids": torch.randint(0, cfg.vocab_size, (b, s), generator=g),
+        "attention_mask": torch.ones(b, p + s, dtype=torch.int64),
+    }
+    dyn = {"input_ids": {0: "batch", 1: "sequence"},
+           "attention_mask": {0: "batch", 1: "total_sequence" if cache else "sequence"}}
+    if position_ids:
+        inputs["position_ids"] = torch.arange(p, p + s).expand(b, s).contiguous()
+        dyn["position_ids"] = {0: "batch", 1: "sequence"}
+    outputs = ["logits"]
+    for i in range(n_layers if cache else 0):
+        for kind in ("key", "value"):
+            name = f"past_key_values.{i}.{kind}"
+            inputs[name] = torch.randn(b, kv_heads, p, head_dim, generator=g)
+            dyn[name] = {0: "batch", 2: "past_sequence"}
+            outputs.append(f"present.{i}.{kind}")
+    wrapper = _CausalLM(model.eval(), n_layers if cache else 0)
+    path = export(wrapper, inputs, outputs, path, dynamo=dynamo, opset=opset, dynamic=dyn)
+    if dynamo:
+        _convert_opset(path, opset)
+    return path
+
+
+def _convert_opset(path: Path, opset: int) -> None:
+    """Bring a dynamo export down to the requested opset where torch.onnx left it higher.
+
+    torch.onnx builds opset 18 and converts before optimising, while ReduceMean's axes (an input since 18) are not
+    yet constants, so the conversion fails with a logged traceback and Llama's RMSNorm keeps the file at 18. After
+    optimisation the axes are initializers and onnx's converter succeeds; it drops node and graph-input metadata
+    (e.g. pkg.torch.onnx.name_scopes), which is copied back, and leaves the old axes initializers unused.
+    """
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(path))
+    if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == opset:
+        return
+    conv = version_converter.convert_version(model, opset)
+    g, old = conv.graph, model.graph
+    for new_items, old_items in ((g.node, old.node), (g.input, old.input), (g.output, old.output)):
+        for a, b in zip(new_items, old_items):
+            if a.name == b.name and not a.metadata_props:
+                a.metadata_props.extend(b.metadata_props)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    unused = [t for t in g.initializer if t.name not in used]
+    for t in unused:
+        g.initializer.remove(t)
+    onnx.save(conv, str(path))
+
+
+def tiny_gpt2_config(**kw):
+    from transformers import GPT2Config
+
+    base = dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64)
+    base.update(kw)
+    # GPT-2's <|endoftext|> is its last token; the default 50256 lies outside a tiny vocabulary
+    base.setdefault("bos_token_id", base["vocab_size"] - 1)
+    base.setdefault("eos_token_id", base["vocab_size"] - 1)
+    return GPT2Config(**base)
+
+
+def export_gpt2(path, *, dynamo: bool, opset: int = 17, cache: bool = False, seed: int = 0, config=None):
+    """GPT2LMHeadModel (logits, plus present.{i}.key/value with `cache`); positions come from the past length.
+
+    The LM head stays tied to wte as transformers builds it, since that is how real GPT-2 checkpoints export.
+    """
+    from transformers import GPT2LMHeadModel
+
+    cfg = config or tiny_gpt2_config()
+    torch.manual_seed(seed)
+    model = randomize_(GPT2LMHeadModel(cfg), seed=seed)
+    return _export_causal_lm(model, path, dynamo=dynamo, opset=opset, cache=cache, seed=seed,
+                             kv_heads=cfg.n_head, head_dim=cfg.n_embd // cfg.n_head, position_ids=False)
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def export_llama(path, *, dynamo: bool, opset: int = 17, cache: bool = False, seed: int = 0, config=None):
+    """LlamaForCausalLM with grouped-query attention; position_ids is an input and RoPE is computed in-graph.
+
+    cos/sin come from the inv_freq buffer at run time (as transformers does), so position handling stays visible
+    in the graph instead of being a precomputed table.
+    """
+    from transformers import LlamaForCausalLM
+
+    cfg = config or tiny_llama_config()
+    torch.manual_seed(seed)
+    model = randomize_(LlamaForCausalLM(cfg), seed=seed)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return _export_causal_lm(model, path, dynamo=dynamo, opset=opset, cache=cache, seed=seed,
+                             kv_heads=cfg.num_key_value_heads, head_dim=head_dim, position_ids=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("family", choices=["bert", "bert-cls", "vit"])
+    ap.add_argument("family", choices=["bert", "bert-cls", "vit", "gpt2", "gpt2-cache", "llama", "llama-cache"])
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--dynamo", action="store_true", help="use torch.onnx.export(dynamo=True)")
     ap.add_argument("--opset", type=int, default=17)
     a = ap.parse_args()
     if a.family == "vit":
         export_vit(a.output, dynamo=a.dynamo, opset=a.opset)
+    elif a.family.startswith(("gpt2", "llama")):
+        fn = export_gpt2 if a.family.startswith("gpt2") else export_llama
+        fn(a.output, dynamo=a.dynamo, opset=a.opset, cache=a.family.endswith("-cache"))
     else:
         export_bert(a.output, dynamo=a.dynamo, opset=a.opset, classifier=a.family == "bert-cls")
     print(a.output)

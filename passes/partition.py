@@ -98,7 +98,7 @@ def _lifted(g: Graph, sol: Solution, source: str) -> bool:
     return False
 
 
-def partition(g: Graph, private: list[str]) -> Partition:
+def partition(g: Graph, sol: Solution, private: list[str]) -> Partition:
     nodes = g.model.graph.node
     public = [n for n in g.input_names if n not in private]
     cone = value_cone(g, private)
@@ -109,7 +109,7 @@ def partition(g: Graph, private: list[str]) -> Partition:
             continue
         if all(g.producer.get(x) not in cone or g.producer.get(x) in eligible for x in n.input if x):
             eligible.add(idx)
-    _trim(g, eligible, set(private))
+    eligible, raw = _choose_pre(g, sol, cone, eligible, set(private))
 
     # server: everything the graph outputs need, stopping at tensors pre computes
     server: set[int] = set()
@@ -125,16 +125,17 @@ def partition(g: Graph, private: list[str]) -> Partition:
             continue
         server.add(p)
         stack.extend(x for x in nodes[p].input if x)
-    # Shapes of private inputs cross as integers; any other server use of a private value is a leak.
+    # Shapes of private data cross as integers; any other server use of raw private values is a leak.
     shape_to_pre: set[int] = set()
     for idx in sorted(server):
         for x in nodes[idx].input:
-            if x in private:
+            if x in raw:
                 if nodes[idx].op_type in SHAPE_ONLY:
                     shape_to_pre.add(idx)
                 else:
-                    raise StipError(f"{g.path}: {g.node_label(idx)} reads private input '{x}' directly and "
-                                    "cannot run on the server (mark the input --public if it is not private)")
+                    raise StipError(f"{g.path}: {g.node_label(idx)} reads private data '{x}' before any weight "
+                                    "permutes it, so it cannot run on the server (mark the input --public if it "
+                                    "is not private)")
     server -= shape_to_pre
     if not server:
         raise StipError(f"{g.path}: nothing is left for the server: every op reading the private inputs is cheap "
@@ -155,42 +156,54 @@ def partition(g: Graph, private: list[str]) -> Partition:
         for x in nodes[idx].input:
             if x and x not in crossing and x in g.producer and x not in server_produced:
                 crossing.append(x)
+    for t in crossing:  # defence in depth: only permuted features and shape integers may leave the client
+        p = g.producer.get(t)
+        if t in raw and nodes[p].op_type not in SHAPE_ONLY:
+            raise StipError(f"{g.path}: tensor '{t}' would reach the server unpermuted (from {g.node_label(p)})")
     pre_outputs = [o for o in g.output_names if g.producer.get(o) in eligible]
     return Partition(private, public, sorted(pre), sorted(server), crossing, pre_outputs)
 
 
-def _trim(g: Graph, eligible: set[int], private: set[str]) -> None:
-    """Hand trailing pre nodes to the server when that lowers the number of tensors crossing (ViT's first
-    LayerNorm: sending its input alone is enough, since the residual needs that input anyway)."""
+def _choose_pre(g: Graph, sol: Solution, cone: set[int], eligible: set[int],
+                private: set[str]) -> tuple[set[int], set[str]]:
+    """The client's share of the cone: every op that still sees raw private data (ids, pixels, position ids
+    derived from them) must run there; cheap ops after the lift join it while that sends no more tensors
+    (BERT: the whole embedding block incl. LayerNorm; ViT and Llama: stop before the first layer's norm,
+    since the residual needs the embeddings anyway)."""
     nodes = g.model.graph.node
+    # raw: private values not yet lifted into a permuted space (statistics of permuted features, such as a
+    # norm's mean square, are derived from features and are not raw)
+    lifted: set[str] = set()
+    raw: set[str] = set(private)
+    for i in sorted(cone):
+        for o in nodes[i].output:
+            if not o:
+                continue
+            if _featured(g, sol, o) or any(x in lifted for x in nodes[i].input):
+                lifted.add(o)
+            else:
+                raw.add(o)
+    pre = {i for i in eligible if any(x in raw for x in nodes[i].input)}
+    stack = list(pre)
+    while stack:  # ancestors within the eligible region
+        for x in nodes[stack.pop()].input:
+            p = g.producer.get(x)
+            if p in eligible and p not in pre:
+                pre.add(p)
+                stack.append(p)
     outputs = set(g.output_names)
 
-    def crossing_outputs(idx: int) -> list[str]:
-        return [o for o in nodes[idx].output if o and (o in outputs or any(
-            c not in eligible for c, _ in g.consumers.get(o, [])))]
+    def crossing(region: set[int]) -> int:
+        return sum(1 for i in region for o in nodes[i].output if o and (o in outputs or any(
+            c not in region for c, _ in g.consumers.get(o, []))))
 
     changed = True
     while changed:
         changed = False
-        for idx in sorted(eligible, reverse=True):
-            n = nodes[idx]
-            if any(x in private for x in n.input):
+        for idx in sorted(eligible - pre):
+            if not all(g.producer.get(x) not in cone or g.producer.get(x) in pre for x in nodes[idx].input if x):
                 continue
-            outs = [o for o in n.output if o]
-            if any(c in eligible for o in outs for c, _ in g.consumers.get(o, [])) or any(o in outputs for o in outs):
-                continue
-            before = len(crossing_outputs(idx))
-            new = [x for x in n.input if x and g.producer.get(x) in eligible and x not in _crossing_set(g, eligible)]
-            if len(new) < before:
-                eligible.discard(idx)
+            if crossing(pre | {idx}) <= crossing(pre):
+                pre.add(idx)
                 changed = True
-
-
-def _crossing_set(g: Graph, eligible: set[int]) -> set[str]:
-    nodes = g.model.graph.node
-    out = set()
-    for idx in eligible:
-        for o in nodes[idx].output:
-            if o and any(c not in eligible for c, _ in g.consumers.get(o, [])):
-                out.add(o)
-    return out
+    return pre, raw

@@ -28,7 +28,14 @@ class Permutations:
             return self._composed[c]
         sol = self.solution
         link = sol.link(c)
-        if link:
+        if link and sol.spaces.kind_of(c) == "cat":
+            blocks, offset = [], 0
+            for x in link:
+                size = sol.spaces.info(x).size
+                blocks.append((self.vector(x) if x in sol.permuted else np.arange(size)) + offset)
+                offset += size
+            p = np.concatenate(blocks).astype(np.int64)
+        elif link:
             sizes = [sol.spaces.info(x).size for x in link]
             grid = np.arange(int(np.prod(sizes)), dtype=np.int64).reshape(sizes)
             parts = [x if x in sol.permuted else None for x in link]

@@ -228,57 +228,101 @@ def group_axes(ins: list, out: list) -> list[tuple[list[int], list[int]]] | None
 
 @rule("Concat")
 def concat(ctx: RuleContext) -> None:
+    """The concatenated axis is the concatenation of the inputs' spaces (fused projections, rotary halves,
+    KV cache + new keys); the other axes are shared."""
     axis = ctx.attr("axis", 0) % len(ctx.shape_out(0))
+    if not ctx.is_float(0):  # shape vectors and masks: positional
+        for j in range(len(ctx.node.input)):
+            ctx.fix(ctx.ax_in(j, axis), "Concat axis (integer data)")
+        ctx.fix(ctx.ax_out(0, axis), "Concat axis (integer data)")
+    parts = []
     for j in range(len(ctx.node.input)):
         for a in range(len(ctx.shape_in(j))):
             if a == axis:
-                ctx.fix(ctx.ax_in(j, a), "Concat axis")
-            else:
+                if ctx.shape_in(j)[a] != 0:
+                    parts.append(ctx.ax_in(j, a))
+            elif ctx.shape_in(j)[a] != 1:
                 ctx.eq(ctx.ax_in(j, a), ctx.ax_out(0, a))
-    ctx.fix(ctx.ax_out(0, axis), "Concat axis")
+    if len(parts) == 1:
+        ctx.eq(parts[0], ctx.ax_out(0, axis))
+    else:
+        ctx.link(ctx.ax_out(0, axis), parts, kind="cat")
 
 
 @rule("Split")
 def split(ctx: RuleContext) -> None:
+    """Splitting a fused axis (GPT-2's q|k|v) gives each output one block of the input's space."""
     rank = len(ctx.shape_in(0))
     axis = ctx.attr("axis", 0) % rank
     ctx.fix_input(1, "Split sizes")
+    if not ctx.is_float(0):
+        ctx.fix(ctx.ax_in(0, axis), "Split axis (integer data)")
+    parts = []
     for k in range(len(ctx.node.output)):
         for a in range(rank):
             if a == axis:
-                ctx.fix(ctx.ax_out(k, a), "Split axis")
+                parts.append(ctx.ax_out(k, a))
             else:
                 ctx.eq(ctx.ax_in(0, a), ctx.ax_out(k, a))
-    ctx.fix(ctx.ax_in(0, axis), "Split axis")
+    ctx.link(ctx.ax_in(0, axis), parts, kind="cat")
 
 
 @rule("Slice")
 def slice_(ctx: RuleContext) -> None:
-    """A slice that keeps a whole axis commutes with its permutation; a partial slice is positional."""
-    ins, out = ctx.shape_in(0), ctx.shape_out(0)
+    """A whole-axis slice keeps the space; a contiguous block [a:b) of a static axis is one block of it
+    (rotate_half slices the two rotary halves); anything else is positional."""
+    ins = ctx.shape_in(0)
     for j in range(1, len(ctx.node.input)):
         ctx.fix_input(j, "Slice bounds")
+    bounds = _slice_bounds(ctx)
     for a in range(len(ins)):
-        if ins[a] == out[a] and _is_full_slice(ctx, a):
+        b = bounds.get(a, "full") if bounds is not None else None
+        if b != "full" and not ctx.is_float(0):
+            b = None  # integer data (shape vectors): positional
+        if b == "full":
             ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, a))
-        else:
+        elif b is None or not isinstance(ins[a], int):
             ctx.fix(ctx.ax_in(0, a), "Slice (positional)")
             ctx.fix(ctx.ax_out(0, a), "Slice (positional)")
+        else:
+            start, end = b
+            parts, out_part = [], None
+            for lo, hi in ((0, start), (start, end), (end, ins[a])):
+                if hi > lo:
+                    c = ctx.ax_out(0, a) if (lo, hi) == (start, end) else ctx.s.spaces.fresh(hi - lo)
+                    parts.append(c)
+                    out_part = c if (lo, hi) == (start, end) else out_part
+            if out_part is not None and len(parts) > 1:
+                ctx.link(ctx.ax_in(0, a), parts, kind="cat")
+            elif out_part is not None:
+                ctx.eq(ctx.ax_in(0, a), out_part)
 
 
-def _is_full_slice(ctx: RuleContext, axis: int) -> bool:
-    rank = len(ctx.shape_in(0))
+def _slice_bounds(ctx: RuleContext) -> dict[int, object] | None:
+    """Per sliced axis: "full", a static (start, end) with step 1, or None when positional or unknown."""
+    ins = ctx.shape_in(0)
+    rank = len(ins)
     starts, ends = ctx.const(1), ctx.const(2)
     axes = ctx.const(3) if len(ctx.node.input) > 3 and ctx.node.input[3] else None
     steps = ctx.const(4) if len(ctx.node.input) > 4 and ctx.node.input[4] else None
     if starts is None or ends is None:
-        return False
-    axes_l = [int(x) % rank for x in (axes if axes is not None else range(len(starts)))]
-    if axis not in axes_l:
-        return True
-    k = axes_l.index(axis)
-    step = 1 if steps is None else int(steps[k])
-    return step == 1 and int(starts[k]) == 0 and int(ends[k]) >= np.iinfo(np.int32).max // 2
+        return None
+    out: dict[int, object] = {}
+    for k, ax in enumerate(axes if axes is not None else range(len(starts))):
+        a = int(ax) % rank
+        step = 1 if steps is None else int(steps[k])
+        s0, e0 = int(starts[k]), int(ends[k])
+        n = ins[a]
+        if step == 1 and s0 == 0 and e0 >= np.iinfo(np.int32).max // 2:
+            out[a] = "full"
+            continue
+        if step != 1 or not isinstance(n, int):
+            out[a] = None
+            continue
+        s1 = min(max(s0 + n if s0 < 0 else s0, 0), n)
+        e1 = min(max(e0 + n if e0 < 0 else e0, 0), n)
+        out[a] = "full" if (s1, e1) == (0, n) else ((s1, e1) if e1 > s1 else None)
+    return out
 
 
 @rule("Gather")

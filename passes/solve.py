@@ -15,6 +15,7 @@ from stip.passes.errors import StipError
 from stip.passes.graph import Graph
 from stip.passes.rules import RULES, fallback
 from stip.passes.spaces import SpaceConflict, Spaces
+from stip.passes.values import shape_values
 
 
 def use_key(name: str, node_idx: int, input_idx: int) -> str:
@@ -57,9 +58,18 @@ class RuleContext:
         return self.s.axis(self.node.output[k], a, self.shape_out(k)[a])
 
     def const(self, j: int) -> np.ndarray | None:
+        """A constant input, or an integer input computed from static shapes (see values.py)."""
         if j >= len(self.node.input):
             return None
-        return self.s.g.constants.get(self.node.input[j])
+        name = self.node.input[j]
+        value = self.s.g.constants.get(name)
+        return value if value is not None else self.s.values.get(name)
+
+    def is_float(self, j: int) -> bool:
+        from onnx import TensorProto
+
+        return self.s.g.dtypes.get(self.node.input[j]) in (TensorProto.FLOAT, TensorProto.FLOAT16,
+                                                           TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
     def attr(self, name: str, default=None):
         from onnx import helper
@@ -75,8 +85,8 @@ class RuleContext:
     def fix(self, a: int, why: str) -> None:
         self.s.spaces.fix(a, f"{why} at {self.s.g.node_label(self.idx)}")
 
-    def link(self, whole: int, parts: list[int]) -> None:
-        self.s.spaces.link(whole, parts)
+    def link(self, whole: int, parts: list[int], kind: str = "prod") -> None:
+        self.s.spaces.link(whole, parts, kind)
 
     def fix_input(self, j: int, why: str) -> None:
         if j < len(self.node.input) and self.node.input[j]:
@@ -125,6 +135,7 @@ class Solver:
     def __init__(self, g: Graph):
         self.g = g
         self.spaces = Spaces()
+        self.values = shape_values(g)
 
     def shape(self, name: str) -> list:
         s = self.g.shapes.get(name)
@@ -162,8 +173,13 @@ class Solver:
         return Solution(g, self.spaces, names, sizes, dependent, blockers)
 
     def _propagate_links(self) -> None:
-        """A pinned flattened axis pins its parts, and an axis whose parts are all pinned is pinned."""
+        """A pinned structured axis pins its parts, and one whose parts are all pinned (or of size 1) is pinned."""
         sp = self.spaces
+
+        def pinned(c: int) -> bool:
+            info = sp.info(c)
+            return bool(info.fixed) or info.size == 1
+
         changed = True
         while changed:
             changed = False
@@ -177,18 +193,18 @@ class Solver:
                         if not sp.info(c).fixed:
                             sp.fix(c, info.fixed)
                             changed = True
-                elif all(sp.info(c).fixed for c in link):
-                    sp.fix(r, sp.info(link[0]).fixed or "parts unpermuted")
+                elif all(pinned(c) for c in link):
+                    sp.fix(r, next((sp.info(c).fixed for c in link if sp.info(c).fixed), "parts unpermuted"))
                     changed = True
 
     def _merge_same_links(self) -> None:
         """Q and K projections flatten the same (heads, head_dim) pair: they are one space, report it once."""
         sp = self.spaces
-        by_link: dict[tuple[int, ...], int] = {}
+        by_link: dict[tuple, int] = {}
         for r in sp.roots():
             link = sp.link_of(r)
             if link:
-                other = by_link.setdefault(link, r)
+                other = by_link.setdefault((sp.kind_of(r), link), r)
                 if other != r:
                     sp.union(other, r)
 
@@ -239,13 +255,21 @@ class Solver:
         head_of: dict[int, int | None] = {}
         for r in list(permuted):
             link = sp.link_of(r)
-            if not link or len(link) != 2:
+            if not link or sp.kind_of(r) != "prod":
                 continue
-            h, i = link
-            if h not in permuted or i not in permuted:
-                continue
-            prev = head_of.get(i, h)
-            head_of[i] = h if prev == h else None
+            for k, i in enumerate(link):
+                if k == 0 or i not in permuted or sp.link_of(i):
+                    continue
+                h = link[k - 1] if len(link) == 2 and k == 1 else None
+                if h is None or h not in permuted:
+                    head_of[i] = None
+                    continue
+                prev = head_of.get(i, h)
+                head_of[i] = h if prev == h else None
+        for r in list(permuted):  # an inner space that appears in a concatenation cannot depend on a head
+            if sp.link_of(r) and sp.kind_of(r) == "cat":
+                for c in sp.link_of(r):
+                    head_of[c] = None
         dependent: dict[int, int] = {}
         for i, h in head_of.items():
             if h is None:
@@ -285,10 +309,10 @@ def _weight_feature_axes(node, j: int, value: np.ndarray) -> list[int]:
 
 
 def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, int]) -> dict[int, str]:
-    """Human names in STIP.md's vocabulary: hidden, layerN.heads / .qk / .v / .ffn, out.
+    """Human names in STIP.md's vocabulary: hidden, layerN.heads / .qk / .v / .ffn, out, rotary.
 
-    Heuristic, for reports only: the class with most member axes is `hidden`; linked classes are attention
-    projections; classes reaching a graph output are `out`; the rest are FFN intermediates.
+    Heuristic, for reports only: the class with most member axes is `hidden`; (heads x head_dim) products are
+    attention projections; classes reaching a graph output are `out`; the rest are FFN intermediates.
     """
     sp = solver.spaces
     g = solver.g
@@ -302,6 +326,7 @@ def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, i
                     c = sp.find(sp.id((o, a)))
                     if c in permuted:
                         first_node.setdefault(c, idx)
+    first = lambda c: first_node.get(c, 1 << 30)  # noqa: E731
     hidden = max(permuted, key=lambda c: len(sp.info(c).members))
     out_classes = set()
     for o in g.output_names:
@@ -310,49 +335,52 @@ def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, i
                 out_classes.add(sp.find(sp.id((o, a))))
     # inner classes contracted between two activations are qk, the others v
     qk_inner: set[int] = set()
-    for idx, n in enumerate(g.model.graph.node):
+    for n in g.model.graph.node:
         if n.op_type == "MatMul" and n.input[0] not in g.constants and n.input[1] not in g.constants:
             r = len(g.shapes.get(n.input[0], []))
             if r >= 2 and sp.has((n.input[0], r - 1)):
                 qk_inner.add(sp.find(sp.id((n.input[0], r - 1))))
-    # intermediate spaces that a weight projects back into the hidden space (FFN up/down pairs)
-    feeds_hidden: set[int] = set()
-    for idx, n in enumerate(g.model.graph.node):
-        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in g.constants:
-            w = g.constants[n.input[1]]
-            if w.ndim != 2:
-                continue
-            rows, cols = (1, 0) if (n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)) \
-                else (0, 1)
-            key = use_key(n.input[1], idx, 1)
-            if sp.has((key, rows)) and sp.has((key, cols)) and sp.find(sp.id((key, cols))) == hidden:
-                feeds_hidden.add(sp.find(sp.id((key, rows))))
-    heads = sorted({sp.link_of(c)[0] for c in permuted if sp.link_of(c) and len(sp.link_of(c)) == 2
-                    and sp.link_of(c)[0] in permuted}, key=lambda c: first_node.get(c, 1 << 30))
-    layer_of_head = {h: i for i, h in enumerate(heads)}
+
+    def prod(c: int) -> tuple[int, ...] | None:
+        link = sp.link_of(c)
+        return link if link and sp.kind_of(c) == "prod" else None
+
+    pairs = {c: prod(c) for c in permuted if prod(c) and len(prod(c)) == 2}
+    grouped = {h for h, _ in pairs.values() if prod(h)}  # GQA: query heads = (kv group, head in group)
+    heads = sorted({h for h, _ in pairs.values() if h in permuted and h not in grouped}, key=first)
+    layer_of = {h: i for i, h in enumerate(heads)}
+    for h in grouped:
+        layer_of[h] = next((layer_of[x] for x in prod(h) if x in layer_of), len(heads))
+    inner_owner = {i: h for h, i in pairs.values()}
+    rotary = {x for c in permuted if sp.link_of(c) and sp.kind_of(c) == "cat" and c in inner_owner
+              for x in sp.link_of(c)}
+    feeds_hidden = _projects_into(g, sp, hidden)
     names: dict[int, str] = {}
     ffn_count: dict[int, int] = {}
-    order = sorted(permuted, key=lambda c: first_node.get(c, 1 << 30))
-    for c in order:
-        link = sp.link_of(c)
+    for c in sorted(permuted, key=first):
         if c == hidden:
             names[c] = "hidden"
-        elif c in layer_of_head:
-            names[c] = f"layer{layer_of_head[c]}.heads"
-        elif link and len(link) == 2 and link[0] in layer_of_head:
-            kind = "qk" if link[1] in qk_inner else "v"
-            names[c] = f"layer{layer_of_head[link[0]]}.{kind}"
-        elif any(sp.link_of(w) and sp.link_of(w)[-1] == c for w in permuted):
-            owner = next(w for w in permuted if sp.link_of(w) and sp.link_of(w)[-1] == c)
-            h = sp.link_of(owner)[0]
-            kind = "qk" if c in qk_inner else "v"
-            names[c] = f"layer{layer_of_head.get(h, '?')}.{kind}.inner"
+        elif c in layer_of and c not in grouped:
+            names[c] = f"layer{layer_of[c]}.heads"
+        elif c in grouped:
+            names[c] = f"layer{layer_of[c]}.q_heads"
+        elif any(prod(h) and c == prod(h)[-1] for h in grouped):
+            h = next(h for h in grouped if prod(h)[-1] == c)
+            names[c] = f"layer{layer_of[h]}.q_heads_in_group"
+        elif c in pairs:
+            h, i = pairs[c]
+            names[c] = f"layer{layer_of.get(h, '?')}.{'qk' if i in qk_inner else 'v'}"
+        elif c in inner_owner:
+            h = inner_owner[c]
+            names[c] = f"layer{layer_of.get(h, '?')}.{'qk' if c in qk_inner else 'v'}.inner"
+        elif c in rotary:
+            names[c] = "rotary"
         elif c in out_classes:
             names[c] = "out"
-        elif heads and first_node.get(c, 0) < first_node.get(heads[0], 0):
+        elif heads and first(c) < first(heads[0]):
             names[c] = "embedding"
         elif c in feeds_hidden:
-            layer = _layer_before(first_node.get(c, 0), heads, first_node)
+            layer = _layer_before(first(c), heads, first_node)
             k = ffn_count.get(layer, 0)
             ffn_count[layer] = k + 1
             names[c] = f"layer{layer}.ffn" + (f"{k}" if k else "")
@@ -360,7 +388,7 @@ def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, i
             names[c] = "dense"
     # disambiguate duplicates (two outputs, two qk spaces sharing heads, ...)
     seen: dict[str, int] = {}
-    for c in order:
+    for c in sorted(permuted, key=first):
         base = names[c]
         if base in seen:
             seen[base] += 1
@@ -368,6 +396,21 @@ def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, i
         else:
             seen[base] = 0
     return names
+
+
+def _projects_into(g: Graph, sp: Spaces, hidden: int) -> set[int]:
+    """Spaces that a 2-D weight projects back into the hidden space (FFN intermediates)."""
+    out: set[int] = set()
+    for idx, n in enumerate(g.model.graph.node):
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in g.constants:
+            if g.constants[n.input[1]].ndim != 2:
+                continue
+            trans = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+            rows, cols = (1, 0) if trans else (0, 1)
+            key = use_key(n.input[1], idx, 1)
+            if sp.has((key, rows)) and sp.has((key, cols)) and sp.find(sp.id((key, cols))) == hidden:
+                out.add(sp.find(sp.id((key, rows))))
+    return out
 
 
 def _layer_before(node_idx: int, heads: list[int], first_node: dict[int, int]) -> int:

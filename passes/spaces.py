@@ -18,7 +18,8 @@ class ClassInfo:
 
     size: int | str | None = None
     fixed: str | None = None  # why this class must stay unpermuted (None: free to permute)
-    link: tuple[int, ...] | None = None  # component classes, outer to inner, when the axis is a flattened product
+    link: tuple[int, ...] | None = None  # component classes of a structured axis (see kind)
+    kind: str = "prod"  # "prod": row-major flattening (heads x head_dim); "cat": concatenation (fused q|k|v)
     members: list[Axis] = field(default_factory=list)
 
 
@@ -78,27 +79,28 @@ class Spaces:
         ia.members.extend(ib.members)
         ib.members = []
         la, lb = ia.link, ib.link
-        ia.link = la or lb
         if la and lb:
-            if len(la) != len(lb):
-                raise SpaceConflict(f"axis split as {len(la)} parts in one place and {len(lb)} in another")
-            for x, y in zip(la, lb):
-                self.union(x, y)
+            self._unify_links(ia.kind, la, ib.kind, lb)
+        elif lb:
+            ia.link, ia.kind = lb, ib.kind
         return self.find(a)
 
-    def link(self, whole: int, parts: list[int]) -> None:
-        """Record that class `whole` is the row-major flattening of `parts` (e.g. heads x head_dim)."""
+    def _unify_links(self, ka: str, la: tuple[int, ...], kb: str, lb: tuple[int, ...]) -> None:
+        if ka != kb or len(la) != len(lb):
+            raise SpaceConflict(f"axis structured as {_describe(self, ka, la)} in one place and "
+                                f"{_describe(self, kb, lb)} in another")
+        for x, y in zip(la, lb):
+            self.union(x, y)
+
+    def link(self, whole: int, parts: list[int], kind: str = "prod") -> None:
+        """Record that class `whole` is built from `parts`: their row-major flattening (kind "prod", e.g.
+        heads x head_dim) or their concatenation (kind "cat", e.g. fused q|k|v, or rotary halves)."""
         w = self.find(whole)
         info = self._info[w]
         if info.link is None:
-            info.link = tuple(parts)
+            info.link, info.kind = tuple(parts), kind
         else:
-            if len(info.link) != len(parts):
-                raise SpaceConflict(
-                    f"axis split as {len(info.link)} parts in one place and {len(parts)} in another"
-                )
-            for x, y in zip(info.link, parts):
-                self.union(x, y)
+            self._unify_links(info.kind, info.link, kind, tuple(parts))
 
     def fix(self, i: int, reason: str) -> None:
         info = self._info[self.find(i)]
@@ -108,9 +110,17 @@ class Spaces:
     def roots(self) -> list[int]:
         return [i for i in range(len(self._parent)) if self._parent[i] == i]
 
+    def kind_of(self, i: int) -> str:
+        return self._info[self.find(i)].kind
+
     def link_of(self, i: int) -> tuple[int, ...] | None:
         link = self._info[self.find(i)].link
         return None if link is None else tuple(self.find(x) for x in link)
+
+
+def _describe(sp: Spaces, kind: str, parts: tuple[int, ...]) -> str:
+    sizes = [str(sp.info(x).size) for x in parts]
+    return (" x " if kind == "prod" else " | ").join(sizes)
 
 
 def _merge_size(a, b):

@@ -26,7 +26,7 @@ def compile_in_memory(path: Path, seed: int = 1, private=None):
     g = load_graph(path)
     sol = solve(g)
     priv = detect_private(g, sol, private)
-    part = partition(g, priv)
+    part = partition(g, sol, priv)
     perms = draw(sol, np.random.default_rng(seed))
     return g, sol, part, perms, build(g, sol, perms, part, "test-key")
 

@@ -11,7 +11,7 @@ def _cut(path, **kw):
     g = load_graph(path)
     sol = solve(g)
     priv = detect_private(g, sol, **kw)
-    return g, sol, partition(g, priv)
+    return g, sol, partition(g, sol, priv)
 
 
 def test_bert_private_and_public_inputs(zoo):
