@@ -39,7 +39,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     step, ctx = _progress(a.quiet)
     with ctx:
         report = compile_model(a.model, a.output, force=a.force, private=a.private, public=a.public,
-                               external_data=a.external_data, progress=step)
+                               external_data=a.external_data, progress=step, head=a.head,
+                               tokenizer=a.tokenizer, max_context=a.max_context)
     sizes = report["bundle_sizes"]
     print(f"wrote {a.output}  key id {report['key_id']}  {len(report['spaces'])} spaces, "
           f"{report['layers']} attention layers, {report['permuted_weights']} permuted weights")
@@ -104,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing bundle (and its key)")
     c.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
                    help="store server weights in model.onnx.data (auto: when over 1 GiB)")
+    c.add_argument("--head", choices=["server", "client"], default="server",
+                   help="where the LM head runs: server (default, as in the paper: logits leave the server in "
+                   "the secret vocabulary order) or client (the server never sees logits; the user pays "
+                   "vocab x hidden multiply-adds per token and downloads the head)")
+    c.add_argument("--tokenizer", metavar="DIR", help="tokenizer files to ship in client/ for text prompts")
+    c.add_argument("--max-context", type=int, metavar="N",
+                   help="longest prompt + generation (default: the position table's size, if any)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     io_flags(c)
 

@@ -23,6 +23,7 @@ from stip.passes.partition import Partition, detect_private, partition
 from stip.passes.permute import draw
 from stip.passes.solve import Solution, require_transformer, solve
 from stip.runtime.bundle import CLIENT_MANIFEST
+from stip.runtime.verify import index_range
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # serialized bytes above which the server graph uses external data
 Progress = Callable[[str, int | None], Callable[[], None]]
@@ -36,7 +37,7 @@ class Analysis:
 
 
 def analyse(model_path: str | Path, private: list[str] | None = None, public: list[str] | None = None,
-            strict: bool = True) -> Analysis:
+            strict: bool = True, head: str = "server") -> Analysis:
     """Everything `inspect` shows; with strict=True, blockers become one StipError naming the first node."""
     g = load_graph(model_path)
     sol = solve(g)
@@ -47,7 +48,7 @@ def analyse(model_path: str | Path, private: list[str] | None = None, public: li
     priv = detect_private(g, sol, private, public)
     part = None
     try:
-        part = partition(g, sol, priv)
+        part = partition(g, sol, priv, head)
     except StipError:
         if strict:
             raise
@@ -79,12 +80,15 @@ def check_output_dir(out: Path, force: bool) -> None:
 
 def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = False,
                   private: list[str] | None = None, public: list[str] | None = None,
-                  external_data: str = "auto", progress: Progress | None = None) -> dict:
+                  external_data: str = "auto", progress: Progress | None = None, head: str = "server",
+                  tokenizer: str | Path | None = None, max_context: int | None = None) -> dict:
     """Write out/{server,client,developer}; nothing is left behind on failure, nothing replaced without force."""
     out = Path(out_dir)
     check_output_dir(out, force)
     step = progress or (lambda _label, _total: (lambda: None))
-    bundle, report, manifest, key = _compile_in_memory(model_path, private, public, step)
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise StipError(f"--tokenizer {tokenizer}: not a directory")
+    bundle, report, manifest, key = _compile_in_memory(model_path, private, public, step, head, max_context)
     # The analysis (every weight as numpy) was freed when _compile_in_memory returned: peak RSS while saving is
     # the three bundle models plus one serialized copy, not the original model on top.
 
@@ -99,12 +103,15 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
         _save(bundle.server, tmp / "server" / "model.onnx", external_data)
         _save(bundle.pre, tmp / "client" / "pre.onnx", "never")
         _save(bundle.post, tmp / "client" / "post.onnx", "never")
+        if tokenizer is not None:
+            shutil.copytree(tokenizer, tmp / "client" / "tokenizer")
+            manifest["tokenizer"] = "tokenizer"
         (tmp / "client" / CLIENT_MANIFEST).write_text(json.dumps(manifest, indent=2))
         write_key(tmp / "developer" / KEY_FILE, manifest["key_id"], key)
         report["key_id"] = manifest["key_id"]
         report["bundle_sizes"] = {
-            "client_bytes": sum(f.stat().st_size for f in (tmp / "client").iterdir()),
-            "server_bytes": sum(f.stat().st_size for f in (tmp / "server").iterdir()),
+            "client_bytes": sum(f.stat().st_size for f in (tmp / "client").rglob("*") if f.is_file()),
+            "server_bytes": sum(f.stat().st_size for f in (tmp / "server").rglob("*") if f.is_file()),
         }
         (tmp / "developer" / "report.json").write_text(json.dumps(report, indent=2))
         _replace(tmp, out)
@@ -115,17 +122,20 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
     return report
 
 
-def _compile_in_memory(model_path, private, public, step):
+def _compile_in_memory(model_path, private, public, step, head="server", max_context=None):
     tick = step("analysing graph", None)
-    a = analyse(model_path, private, public)
+    a = analyse(model_path, private, public, head=head)
     tick()
     g, sol, part = a.graph, a.solution, a.partition
     assert part is not None
     key_id = new_key_id()
     perms = draw(sol, csprng())
-    uses = sum(1 for i in part.pre_nodes + part.server_nodes for x in g.model.graph.node[i].input
-               if x in g.constants)
+    uses = sum(1 for i in part.pre_nodes + part.server_nodes + part.post_nodes
+               for x in g.model.graph.node[i].input if x in g.constants)
     report = model_summary(g, sol, part)
+    report["head"] = head
+    vocab = {n: index_range(g, n) for n in part.private if g.dtypes.get(n) in (6, 7)}
+    context = max_context or position_table_rows(g, part.private)
     bundle = build(g, sol, perms, part, key_id, progress=step("folding permutations into weights", uses),
                    release_constants=True)
     server_inputs = {i.name for i in bundle.server.graph.input}
@@ -135,9 +145,26 @@ def _compile_in_memory(model_path, private, public, step):
         "private": part.private,
         "public": [n for n in part.public if n in server_inputs],
         "crossing": [i.name for i in bundle.server.graph.input if i.name not in g.input_names],
-        "outputs": g.output_names,
+        "outputs": part.user_outputs,
+        "cache": [list(p) for p in part.cache],
+        "head": head,
+        "vocab_size": vocab,
+        "max_context": context,
     }
     return bundle, report, manifest, perms.by_name()
+
+
+def position_table_rows(g: Graph, private: list[str]) -> int | None:
+    """The longest context a learned position table allows (GPT-2's wpe, BERT's position embeddings)."""
+    from stip.passes.partition import value_cone
+
+    nodes = g.model.graph.node
+    cone = value_cone(g, private)
+    private_vals = set(private) | {o for i in cone for o in nodes[i].output}
+    rows = [g.constants[n.input[0]].shape[0] for n in nodes
+            if n.op_type == "Gather" and n.input[0] in g.constants and g.constants[n.input[0]].ndim == 2
+            and n.input[1] not in private_vals]
+    return min(rows) if rows else None
 
 
 def _replace(tmp: Path, out: Path) -> None:

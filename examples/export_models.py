@@ -222,37 +222,55 @@ def _export_causal_lm(model, path, *, dynamo: bool, opset: int, cache: bool, see
             dyn[name] = {0: "batch", 2: "past_sequence"}
             outputs.append(f"present.{i}.{kind}")
     wrapper = _CausalLM(model.eval(), n_layers if cache else 0)
-    path = export(wrapper, inputs, outputs, path, dynamo=dynamo, opset=opset, dynamic=dyn)
+    # dynamo has no opset-17 translations: ask for 18 and convert the optimised graph ourselves (see _convert_opset)
+    path = export(wrapper, inputs, outputs, path, dynamo=dynamo, opset=max(opset, 18) if dynamo else opset,
+                  dynamic=dyn)
     if dynamo:
         _convert_opset(path, opset)
     return path
 
 
 def _convert_opset(path: Path, opset: int) -> None:
-    """Bring a dynamo export down to the requested opset where torch.onnx left it higher.
+    """Bring a dynamo export (built at opset 18) down to a valid model at the requested opset.
 
-    torch.onnx builds opset 18 and converts before optimising, while ReduceMean's axes (an input since 18) are not
-    yet constants, so the conversion fails with a logged traceback and Llama's RMSNorm keeps the file at 18. After
-    optimisation the axes are initializers and onnx's converter succeeds; it drops node and graph-input metadata
-    (e.g. pkg.torch.onnx.name_scopes), which is copied back, and leaves the old axes initializers unused.
+    Left to torch.onnx, opset 17 goes wrong two ways: it converts before optimising, while ReduceMean's axes (an
+    input since 18) are not yet constants, so the conversion fails with a logged traceback and Llama stays at 18;
+    where it does convert (GPT-2), onnx's 18->17 adapters keep Split's `num_outputs`, which opset 17 lacks, and
+    onnxruntime rejects the file. Here: convert the optimised model (axes are initializers by then), drop the
+    18-only attributes whose opset-17 meaning is the same, copy back the node/IO metadata the C converter drops
+    (e.g. pkg.torch.onnx.name_scopes), and let onnx's checker refuse anything else.
     """
     import onnx
     from onnx import version_converter
 
     model = onnx.load(str(path))
-    if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == opset:
-        return
-    conv = version_converter.convert_version(model, opset)
+    have = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    conv = version_converter.convert_version(model, opset) if have > opset else model
     g, old = conv.graph, model.graph
-    for new_items, old_items in ((g.node, old.node), (g.input, old.input), (g.output, old.output)):
-        for a, b in zip(new_items, old_items):
-            if a.name == b.name and not a.metadata_props:
-                a.metadata_props.extend(b.metadata_props)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    unused = [t for t in g.initializer if t.name not in used]
-    for t in unused:
-        g.initializer.remove(t)
-    onnx.save(conv, str(path))
+    if conv is not model:
+        for new_items, old_items in ((g.node, old.node), (g.input, old.input), (g.output, old.output)):
+            for a, b in zip(new_items, old_items):
+                if a.name == b.name and not a.metadata_props:
+                    a.metadata_props.extend(b.metadata_props)
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        for t in [t for t in g.initializer if t.name not in used]:  # axes moved into attributes
+            g.initializer.remove(t)
+    changed = conv is not model
+    if opset < 18:
+        for n in g.node:
+            attrs = {a.name: a for a in n.attribute}
+            # Split without a `split` input splits evenly in 17 too (uneven sizes then fail loudly, not silently)
+            drop = "num_outputs" if n.op_type == "Split" else None
+            if n.op_type.startswith("Reduce") and n.op_type != "ReduceSum" and "noop_with_empty_axes" in attrs:
+                if attrs["noop_with_empty_axes"].i and not (attrs.get("axes") and attrs["axes"].ints):
+                    raise ValueError(f"{n.name}: empty-axes no-op {n.op_type} has no opset-{opset} form")
+                drop = "noop_with_empty_axes"
+            if drop in attrs:
+                n.attribute.remove(attrs[drop])
+                changed = True
+    onnx.checker.check_model(conv)
+    if changed:
+        onnx.save(conv, str(path))
 
 
 def tiny_gpt2_config(**kw):

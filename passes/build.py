@@ -158,7 +158,7 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     remaining: dict[str, int] | None = None
     if release_constants:
         remaining = {}
-        for i in part.pre_nodes + part.server_nodes:
+        for i in part.pre_nodes + part.server_nodes + part.post_nodes:
             for x in nodes[i].input:
                 if x in g.constants:
                     remaining[x] = remaining.get(x, 0) + 1
@@ -170,28 +170,33 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     pre = _subgraph(g, sol, perms, part.pre_nodes, pre_inputs, [_value_info(g, t) for t in pre_out_names],
                     "stip_pre", progress, remaining)
 
-    # server: crossing tensors + public inputs -> original outputs (renamed, still permuted)
+    # server: crossing tensors + public inputs (+ its KV cache) -> outputs still permuted, renamed; the cache
+    # outputs keep their names so they can be fed back as the next step's past
+    post_set = set(part.post_nodes)
     server_needed = {x for i in part.server_nodes for x in nodes[i].input if x}
     server_inputs = [_value_info(g, t) for t in part.crossing] + [
         _value_info(g, n) for n in g.input_names if n in server_needed and n not in part.private]
-    server_outs = [o for o in g.output_names if o not in part.pre_outputs]
-    renames = {o: server_output_name(o) for o in server_outs}
-    server = _subgraph(g, sol, perms, part.server_nodes, server_inputs,
-                       [_value_info(g, o, renames[o]) for o in server_outs], "stip_server", progress, remaining)
+    returned = [o for o in part.user_outputs if o not in part.pre_outputs and g.producer.get(o) not in post_set]
+    returned += part.to_post
+    renames = {o: server_output_name(o) for o in returned}
+    server_outputs = [_value_info(g, o, renames[o]) for o in returned] + [_value_info(g, o) for _, o in part.cache]
+    server = _subgraph(g, sol, perms, part.server_nodes, server_inputs, server_outputs, "stip_server", progress,
+                       remaining)
     _rename_outputs(list(server.graph.node), renames)
 
-    # post: undo the output permutations
-    post_nodes, post_inits, post_inputs = [], [], []
-    for o in g.output_names:
-        src = renames.get(o, o)
-        post_inputs.append(_value_info(g, o, src))
+    # post: the LM head when it runs on the client, then undo the output permutations
+    post_renames = {**renames, **{o: server_output_name(o) for o in part.user_outputs
+                                  if g.producer.get(o) in post_set}}
+    post = _subgraph(g, sol, perms, part.post_nodes, [], [], "stip_post", progress, remaining)
+    _rename_outputs(list(post.graph.node), post_renames)
+    post.graph.input.extend([_value_info(g, o, renames[o]) for o in returned] +
+                            [_value_info(g, o) for o in part.pre_outputs])
+    for o in part.user_outputs:
+        src = post_renames.get(o, o)
         ns, inits = _unpermute_nodes(g, sol, perms, src, o)
-        post_nodes += ns
-        post_inits += inits
-    post_graph = helper.make_graph(post_nodes, "stip_post", post_inputs,
-                                   [_value_info(g, o) for o in g.output_names], post_inits)
-    post = helper.make_model(post_graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="stip")
-    post.ir_version = min(g.model.ir_version, 10) if g.model.ir_version else 8
+        post.graph.node.extend(ns)
+        post.graph.initializer.extend(inits)
+        post.graph.output.append(_value_info(g, o))
 
     for role, m in (("client.pre", pre), ("server", server), ("client.post", post)):
         helper.set_model_props(m, {KEY_ID_PROP: key_id, ROLE_PROP: role})

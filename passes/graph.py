@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from stip.passes.errors import StipError
+from stip.passes.state import pair_cache
 
 Dim = int | str  # a static size, or a symbolic name for a dynamic axis
 
@@ -31,6 +32,7 @@ class Graph:
     producer: dict[str, int] = field(default_factory=dict)
     consumers: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    cache: list[tuple[str, str]] = field(default_factory=list)  # (past input, present output) pairs
 
     @property
     def nodes(self) -> list[onnx.NodeProto]:
@@ -250,4 +252,5 @@ def load_graph(path: str | Path, model: onnx.ModelProto | None = None) -> Graph:
     constants = {t.name: _tensor_array(t, p) for t in model.graph.initializer}
     g = Graph(model=_light(model), path=p, constants=constants, shapes=shapes, dtypes=dtypes, warnings=warnings)
     g.index()
+    g.cache = pair_cache(g.input_names, g.output_names, str(p))
     return g

@@ -7,7 +7,7 @@ server needs from a private input's *shape* (batch, sequence length) crosses as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph
@@ -25,6 +25,15 @@ class Partition:
     server_nodes: list[int]
     crossing: list[str]  # tensors computed by pre and sent to the server
     pre_outputs: list[str]  # original graph outputs that pre computes itself (post un-permutes them)
+    post_nodes: list[int] = field(default_factory=list)  # the LM head, with --head client
+    to_post: list[str] = field(default_factory=list)  # tensors the server returns for post_nodes
+    cache: list[tuple[str, str]] = field(default_factory=list)  # server-held KV cache (input, output)
+
+    @property
+    def user_outputs(self) -> list[str]:
+        return [o for o in self.outputs if o not in {c for _, c in self.cache}]
+
+    outputs: list[str] = field(default_factory=list)
 
 
 def is_lift(g: Graph, idx: int, j: int) -> bool:
@@ -67,9 +76,10 @@ def detect_private(g: Graph, sol: Solution, private: list[str] | None = None,
                 raise StipError(f"{g.path}: {flag} {n}: no such graph input (inputs: {', '.join(names)})")
     if private:
         return [n for n in names if n in private]
+    cache = {i for i, _ in g.cache}
     out = []
     for name in names:
-        if public and name in public:
+        if (public and name in public) or name in cache:
             continue
         if _lifted(g, sol, name):
             out.append(name)
@@ -98,7 +108,28 @@ def _lifted(g: Graph, sol: Solution, source: str) -> bool:
     return False
 
 
-def partition(g: Graph, sol: Solution, private: list[str]) -> Partition:
+def lm_head_tail(g: Graph, output: str, max_nodes: int = 8) -> tuple[list[int], str]:
+    """The nodes from the last weight MatMul/Gemm to `output` (a chain), and that MatMul's activation input."""
+    nodes = g.model.graph.node
+    tail: list[int] = []
+    t = output
+    while len(tail) < max_nodes:
+        p = g.producer.get(t)
+        if p is None:
+            break
+        n = nodes[p]
+        tail.append(p)
+        acts = [x for x in n.input if x and x not in g.constants and x in g.producer or x in g.input_names]
+        if n.op_type in ("MatMul", "Gemm") and any(x in g.constants for x in n.input[:2]):
+            return sorted(tail), acts[0]
+        if len(acts) != 1:
+            break
+        t = acts[0]
+    raise StipError(f"{g.path}: --head client: no weight MatMul/Gemm found within {max_nodes} nodes before "
+                    f"output '{output}'")
+
+
+def partition(g: Graph, sol: Solution, private: list[str], head: str = "server") -> Partition:
     nodes = g.model.graph.node
     public = [n for n in g.input_names if n not in private]
     cone = value_cone(g, private)
@@ -111,9 +142,23 @@ def partition(g: Graph, sol: Solution, private: list[str]) -> Partition:
             eligible.add(idx)
     eligible, raw = _choose_pre(g, sol, cone, eligible, set(private))
 
+    cache_outputs = {o for _, o in g.cache}
+    post_nodes: set[int] = set()
+    to_post: list[str] = []
+    if head == "client":
+        for o in g.output_names:
+            if o in cache_outputs or g.producer.get(o) in eligible:
+                continue
+            tail, hidden = lm_head_tail(g, o)
+            post_nodes.update(tail)
+            if hidden not in to_post:
+                to_post.append(hidden)
+    elif head != "server":
+        raise StipError(f"--head {head}: expected server or client")
+
     # server: everything the graph outputs need, stopping at tensors pre computes
     server: set[int] = set()
-    stack = [o for o in g.output_names]
+    stack = [o for o in g.output_names if g.producer.get(o) not in post_nodes] + to_post
     seen_t: set[str] = set()
     while stack:
         t = stack.pop()
@@ -161,7 +206,8 @@ def partition(g: Graph, sol: Solution, private: list[str]) -> Partition:
         if t in raw and nodes[p].op_type not in SHAPE_ONLY:
             raise StipError(f"{g.path}: tensor '{t}' would reach the server unpermuted (from {g.node_label(p)})")
     pre_outputs = [o for o in g.output_names if g.producer.get(o) in eligible]
-    return Partition(private, public, sorted(pre), sorted(server), crossing, pre_outputs)
+    return Partition(private, public, sorted(pre), sorted(server), crossing, pre_outputs, sorted(post_nodes),
+                     to_post, list(g.cache), g.output_names)
 
 
 def _choose_pre(g: Graph, sol: Solution, cone: set[int], eligible: set[int],

@@ -149,9 +149,12 @@ class Solver:
     def run(self) -> Solution:
         g = self.g
         blockers: list[Blocker] = []
+        cache_inputs = {i for i, _ in g.cache}
         for name in g.input_names:
             for a, d in enumerate(g.shapes.get(name, [])):
-                self.spaces.fix(self.axis(name, a, d), f"graph input '{name}'")
+                # A KV-cache input carries permuted heads and head dims; only its batch/length axes are pinned.
+                if name not in cache_inputs or not isinstance(d, int):
+                    self.spaces.fix(self.axis(name, a, d), f"graph input '{name}'")
         for idx, node in enumerate(g.model.graph.node):
             ctx = RuleContext(self, idx)
             try:
@@ -164,6 +167,13 @@ class Solver:
                                             f"shape of tensor '{e.name}' is unknown"))
             except SpaceConflict as e:
                 blockers.append(Blocker(node.name or node.output[0], node.op_type, str(e)))
+        for past, present in g.cache:  # the cache fed back must be in the basis the server wrote it in
+            for a, (d1, d2) in enumerate(zip(g.shapes.get(past, []), g.shapes.get(present, []))):
+                if isinstance(d1, int) and d1 == d2 and d1 > 1:
+                    try:
+                        self.spaces.union(self.axis(past, a, d1), self.axis(present, a, d2))
+                    except SpaceConflict as e:
+                        blockers.append(Blocker(present, "cache", str(e)))
         self._propagate_links()
         self._merge_same_links()
         permuted, sizes = self._permuted_classes()

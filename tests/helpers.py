@@ -22,11 +22,11 @@ def run_model(model: onnx.ModelProto | Path, feeds: dict) -> dict:
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {n: feeds[n] for n in names})))
 
 
-def compile_in_memory(path: Path, seed: int = 1, private=None):
+def compile_in_memory(path: Path, seed: int = 1, private=None, head: str = "server"):
     g = load_graph(path)
     sol = solve(g)
     priv = detect_private(g, sol, private)
-    part = partition(g, sol, priv)
+    part = partition(g, sol, priv, head)
     perms = draw(sol, np.random.default_rng(seed))
     return g, sol, part, perms, build(g, sol, perms, part, "test-key")
 
