@@ -69,7 +69,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     if not Path(a.original).exists():
         raise StipError(f"{a.original}: no such file")
     checks = verify(a.bundle, a.original, batch=a.batch, seq=a.seq, seed=a.seed, atol=a.atol, rtol=a.rtol,
-                    device=a.device)
+                    device=a.device, past=a.past)
     ok = all(c.ok for c in checks)
     if a.json:
         print(json.dumps({"passed": ok, "outputs": [c.__dict__ | {"ok": c.ok} for c in checks]}, indent=2))
@@ -81,6 +81,29 @@ def cmd_verify(a: argparse.Namespace) -> int:
         print(f"{'PASS' if ok else 'FAIL'}: original vs pre -> server -> post (atol={a.atol}, rtol={a.rtol}, "
               f"batch={a.batch}, seq={a.seq})")
     return 0 if ok else 1
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    """Generate text privately: pre and post run here, the server graph keeps the permuted KV cache."""
+    from stip.runtime.generate import Sampler, StipGenerator, stream
+
+    gen = StipGenerator(a.bundle, device=a.device)
+    if (a.prompt is None) == (a.prompt_ids is None):
+        raise StipError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if a.prompt is not None:
+        prompt = gen.encode(a.prompt)
+    else:
+        try:
+            prompt = [int(x) for x in a.prompt_ids.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise StipError(f"--prompt-ids {a.prompt_ids}: expected comma-separated integers") from None
+    if a.max_new_tokens < 1:
+        raise StipError("--max-new-tokens must be at least 1")
+    sampler = Sampler(a.temperature, a.top_k, a.top_p, a.seed)
+    if a.prompt is not None:
+        print(a.prompt, end="", flush=True)
+    stream(gen, prompt, a.max_new_tokens, sampler)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,11 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     io_flags(i)
 
+    gn = add("generate", cmd_generate)
+    gn.add_argument("bundle", help="bundle directory of a decoder, written by `stip compile`")
+    gn.add_argument("--prompt", help="text prompt (needs a bundle compiled with --tokenizer)")
+    gn.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
+    gn.add_argument("--max-new-tokens", type=int, default=32)
+    gn.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    gn.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    gn.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    gn.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible runs)")
+    gn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where the server graph runs (default: CUDA when a GPU is visible)")
+
     v = add("verify", cmd_verify)
     v.add_argument("bundle", help="bundle directory written by `stip compile`")
     v.add_argument("--original", required=True, help="the plaintext model the bundle was compiled from")
     v.add_argument("--batch", type=int, default=3, help="batch size of the random inputs (default 3)")
     v.add_argument("--seq", type=int, default=13, help="length of dynamic non-batch axes (default 13)")
+    v.add_argument("--past", type=int, default=7,
+                   help="decoders with a KV cache: prefill this many tokens first, then check --seq new ones")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--atol", type=float, default=1e-4)
     v.add_argument("--rtol", type=float, default=1e-4)
@@ -135,12 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = lambda message, *_a, **_k: f"stip: warning: {message}\n"
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except StipError as e:
         print(f"stip {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0
     except KeyboardInterrupt:
         print("stip: interrupted", file=sys.stderr)
         return 130

@@ -139,11 +139,12 @@ def _compile_in_memory(model_path, private, public, step, head="server", max_con
     bundle = build(g, sol, perms, part, key_id, progress=step("folding permutations into weights", uses),
                    release_constants=True)
     server_inputs = {i.name for i in bundle.server.graph.input}
+    cache_inputs = {i for i, _ in part.cache}
     manifest = {
         "key_id": key_id,
-        "inputs": g.input_names,
+        "inputs": [n for n in g.input_names if n not in cache_inputs],
         "private": part.private,
-        "public": [n for n in part.public if n in server_inputs],
+        "public": [n for n in part.public if n in server_inputs and n not in cache_inputs],
         "crossing": [i.name for i in bundle.server.graph.input if i.name not in g.input_names],
         "outputs": part.user_outputs,
         "cache": [list(p) for p in part.cache],

@@ -33,21 +33,39 @@ def _attr(n, name, default):
     return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
 
 
-def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of the right dtypes: ids within the vocabulary, masks with padding, Gaussian floats."""
+def _dim(name, axis: int, batch: int, seq: int, past: int) -> int:
+    """Dynamic dims by exporter naming: batch first, then past / total (past + new) / sequence lengths."""
+    if isinstance(name, int):
+        return name
+    low = str(name).lower()
+    if axis == 0:
+        return batch
+    if "past" in low:
+        return past
+    if "total" in low:
+        return past + seq
+    return seq
+
+
+def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: int = 0,
+                 past: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of the right dtypes: ids within the vocabulary, masks with padding, positions after the cache,
+    Gaussian floats (and a random KV cache of `past` positions for decoders exported with one)."""
     g = load_graph(model_path)
     sess = make_session(model_path, "cpu")
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for inp in sess.get_inputs():
-        shape = [d if isinstance(d, int) else (batch if a == 0 else seq) for a, d in enumerate(inp.shape)]
+        shape = [_dim(d, a, batch, seq, past) for a, d in enumerate(inp.shape)]
         if inp.type in INT_TYPES:
             dt = INT_TYPES[inp.type]
-            if "mask" in inp.name.lower():
+            if "position" in inp.name.lower():
+                arr = np.broadcast_to(np.arange(past, past + shape[-1]), shape).astype(dt)
+            elif "mask" in inp.name.lower():
                 arr = np.ones(shape, dtype=dt)
                 if len(shape) == 2 and shape[1] > 1:
-                    for b in range(shape[0]):
-                        arr[b, rng.integers(1, shape[1] + 1):] = 0
+                    for b in range(shape[0]):  # right padding, never hiding the whole row
+                        arr[b, rng.integers(max(1, past + 1), shape[1] + 1):] = 0
             else:
                 arr = rng.integers(0, index_range(g, inp.name), size=shape).astype(dt)
         elif inp.type in FLOAT_TYPES:
@@ -91,9 +109,27 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float,
 
 
 def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq: int = 13, seed: int = 0,
-           atol: float = 1e-4, rtol: float = 1e-4, device: str = "auto") -> list[OutputCheck]:
-    feeds = random_feeds(original, batch, seq, seed)
+           atol: float = 1e-4, rtol: float = 1e-4, device: str = "auto", past: int = 0) -> list[OutputCheck]:
+    """For decoders with a cache, the cache is first built by a prefill of `past` tokens through each side
+    (the server keeps its permuted copy), then both run the same `seq` new tokens."""
+    dep = LocalDeployment(bundle_dir, device)
     sess = make_session(original, device)
-    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-    got = LocalDeployment(bundle_dir, device).run(feeds)
-    return compare(ref, got, atol, rtol)
+    cached = bool(dep.client.manifest.get("cache"))
+    if not cached:
+        feeds = random_feeds(original, batch, seq, seed)
+        ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        return compare(ref, dep.run(feeds), atol, rtol)
+    from stip.runtime.generate import CachedSession
+
+    plain, stip = CachedSession(sess, batch), CachedSession(dep.server.session, batch)
+    checks: list[OutputCheck] = []
+    for step, (length, start) in enumerate(((past, 0), (seq, past))):
+        if length == 0:
+            continue
+        feeds = random_feeds(original, batch, length, seed + step, past=start)
+        feeds = {k: v for k, v in feeds.items() if k in plain.inputs}
+        ref = plain.run(feeds)
+        to_server, kept = dep.client.prepare(feeds)
+        got = dep.client.finish(stip.run(to_server), kept)
+        checks = compare(ref, got, atol, rtol)
+    return checks
