@@ -201,6 +201,8 @@ def _export_causal_lm(model, path, *, dynamo: bool, opset: int, cache: bool, see
     Sample sizes avoid 0/1 and coincidences (batch 2, sequence 4, past 6) so torch.export keeps every dim symbolic.
     The mask spans past + current tokens; under dynamo that is a separate dim since two dims cannot be added.
     """
+    if dynamo and opset < 17:
+        raise ValueError("dynamo decoder export supports opset 17 or 18+; use dynamo=False for older opsets")
     cfg = model.config
     n_layers = cfg.num_hidden_layers
     b, s, p = 2, 4, 6 if cache else 0
@@ -215,65 +217,100 @@ def _export_causal_lm(model, path, *, dynamo: bool, opset: int, cache: bool, see
         inputs["position_ids"] = torch.arange(p, p + s).expand(b, s).contiguous()
         dyn["position_ids"] = {0: "batch", 1: "sequence"}
     outputs = ["logits"]
+    dyn["logits"] = {0: "batch", 1: "sequence"}  # output names: TorchScript takes them, dynamo ones are set after
     for i in range(n_layers if cache else 0):
         for kind in ("key", "value"):
             name = f"past_key_values.{i}.{kind}"
             inputs[name] = torch.randn(b, kv_heads, p, head_dim, generator=g)
             dyn[name] = {0: "batch", 2: "past_sequence"}
             outputs.append(f"present.{i}.{kind}")
+            dyn[outputs[-1]] = {0: "batch", 2: "total_sequence"}
     wrapper = _CausalLM(model.eval(), n_layers if cache else 0)
-    # dynamo has no opset-17 translations: ask for 18 and convert the optimised graph ourselves (see _convert_opset)
+    # dynamo has no opset-17 translations: ask for 18 and convert the optimised graph ourselves (see _to_opset17)
     path = export(wrapper, inputs, outputs, path, dynamo=dynamo, opset=max(opset, 18) if dynamo else opset,
                   dynamic=dyn)
     if dynamo:
-        _convert_opset(path, opset)
+        _tidy_dynamo(path, opset, dyn)
     return path
 
 
-def _convert_opset(path: Path, opset: int) -> None:
-    """Bring a dynamo export (built at opset 18) down to a valid model at the requested opset.
-
-    Left to torch.onnx, opset 17 goes wrong two ways: it converts before optimising, while ReduceMean's axes (an
-    input since 18) are not yet constants, so the conversion fails with a logged traceback and Llama stays at 18;
-    where it does convert (GPT-2), onnx's 18->17 adapters keep Split's `num_outputs`, which opset 17 lacks, and
-    onnxruntime rejects the file. Here: convert the optimised model (axes are initializers by then), drop the
-    18-only attributes whose opset-17 meaning is the same, copy back the node/IO metadata the C converter drops
-    (e.g. pkg.torch.onnx.name_scopes), and let onnx's checker refuse anything else.
-    """
+def _tidy_dynamo(path: Path, opset: int, dynamic: dict[str, dict[int, str]]) -> None:
+    """Post-process a dynamo decoder export: requested opset, and the declared dim names."""
     import onnx
-    from onnx import version_converter
 
     model = onnx.load(str(path))
-    have = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    conv = version_converter.convert_version(model, opset) if have > opset else model
-    g, old = conv.graph, model.graph
-    if conv is not model:
-        for new_items, old_items in ((g.node, old.node), (g.input, old.input), (g.output, old.output)):
-            for a, b in zip(new_items, old_items):
-                if a.name == b.name and not a.metadata_props:
-                    a.metadata_props.extend(b.metadata_props)
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        for t in [t for t in g.initializer if t.name not in used]:  # axes moved into attributes
-            g.initializer.remove(t)
-    changed = conv is not model
-    if opset < 18:
-        for n in g.node:
-            attrs = {a.name: a for a in n.attribute}
-            # Split without a `split` input splits evenly in 17 too (uneven sizes then fail loudly, not silently)
-            drop = "num_outputs" if n.op_type == "Split" else None
-            if n.op_type.startswith("Reduce") and n.op_type != "ReduceSum" and "noop_with_empty_axes" in attrs:
-                if attrs["noop_with_empty_axes"].i and not (attrs.get("axes") and attrs["axes"].ints):
-                    raise ValueError(f"{n.name}: empty-axes no-op {n.op_type} has no opset-{opset} form")
-                drop = "noop_with_empty_axes"
-            if drop in attrs:
-                n.attribute.remove(attrs[drop])
-                changed = True
-    onnx.checker.check_model(conv)
-    if changed:
-        onnx.save(conv, str(path))
+    _name_dims(model.graph, dynamic)
+    if opset == 17:
+        _to_opset17(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _name_dims(graph, dynamic: dict[str, dict[int, str]]) -> None:
+    """Replace torch.export's symbols (s21, s50 + s57) with the declared names, as TorchScript exports have them.
+
+    torch.export gives each input's dims their own symbol unless it proves them equal (the mask's batch and the
+    past lengths of values stay separate), so the KV interface would otherwise read differently per exporter.
+    Declared output dims are set outright: a present's `past + sequence` is the next step's `total_sequence`.
+    """
+    import re
+
+    rename: dict[str, str] = {}
+    for vi in graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        for axis, name in dynamic.get(vi.name, {}).items():
+            if dims[axis].dim_param:
+                rename.setdefault(dims[axis].dim_param, name)
+    symbol = re.compile(r"\bs\d+\b")
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = symbol.sub(lambda m: rename.get(m.group(), m.group()), d.dim_param)
+    for vi in graph.output:
+        for axis, name in dynamic.get(vi.name, {}).items():
+            vi.type.tensor_type.shape.dim[axis].dim_param = name
+
+
+def _to_opset17(model) -> None:
+    """Rewrite a dynamo export, which torch.onnx builds at opset 18, as a valid opset-17 model.
+
+    torch.onnx's own down-conversion runs before its optimiser and fails both ways here: ReduceMean's axes (an input
+    since 18) are not constants yet, so Llama stays at 18 after a logged traceback; GPT-2 converts, but the optimiser
+    then fuses the QKV slices into a Split with `num_outputs` (18-only) and onnxruntime rejects the file. onnx's C
+    converter has no Split 18->17 adapter and drops node metadata. The only 18->17 changes these graphs use are
+    rewritten here in place (metadata and names kept); onnx's checker refuses anything else.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    for n in g.node:
+        attrs = {a.name: a for a in n.attribute}
+        if n.op_type == "Split":  # without a `split` input, opset 17 splits evenly too (uneven fails loudly)
+            if "num_outputs" in attrs:
+                n.attribute.remove(attrs["num_outputs"])
+        elif n.op_type.startswith("Reduce") and n.op_type != "ReduceSum":  # ReduceSum moved at 13 already
+            axes = []
+            if len(n.input) > 1 and n.input[1]:
+                if n.input[1] not in inits:
+                    raise ValueError(f"{n.name}: {n.op_type} axes are not an initializer")
+                axes = numpy_helper.to_array(inits[n.input[1]]).reshape(-1).tolist()
+                n.attribute.append(helper.make_attribute("axes", axes))
+                del n.input[1:]
+            if "noop_with_empty_axes" in attrs:
+                if attrs["noop_with_empty_axes"].i and not axes:
+                    raise ValueError(f"{n.name}: empty-axes no-op {n.op_type} has no opset-17 form")
+                n.attribute.remove(attrs["noop_with_empty_axes"])
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 17
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for t in [t for t in g.initializer if t.name not in used]:  # axes now live in attributes
+        g.initializer.remove(t)
 
 
 def tiny_gpt2_config(**kw):
+    """Two-layer GPT-2 (d=32, 4 heads, fused QKV, tied LM head); keyword arguments override."""
     from transformers import GPT2Config
 
     base = dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64)
@@ -288,6 +325,8 @@ def export_gpt2(path, *, dynamo: bool, opset: int = 17, cache: bool = False, see
     """GPT2LMHeadModel (logits, plus present.{i}.key/value with `cache`); positions come from the past length.
 
     The LM head stays tied to wte as transformers builds it, since that is how real GPT-2 checkpoints export.
+    Under dynamo, onnxscript constant-folds the head's Transpose when the table has at most 8192 elements (the
+    default 128x32), leaving two initializers; a vocab of 257+ keeps one shared by Gather and Transpose.
     """
     from transformers import GPT2LMHeadModel
 
@@ -299,6 +338,7 @@ def export_gpt2(path, *, dynamo: bool, opset: int = 17, cache: bool = False, see
 
 
 def tiny_llama_config(**kw):
+    """Two-layer Llama with GQA (4 query heads over 2 KV heads, head_dim 8) and an untied LM head."""
     from transformers import LlamaConfig
 
     base = dict(
