@@ -148,6 +148,7 @@ def _compile_in_memory(model_path, private, public, step, head="server", max_con
         "crossing": [i.name for i in bundle.server.graph.input if i.name not in g.input_names],
         "outputs": part.user_outputs,
         "cache": [list(p) for p in part.cache],
+        "cache_dims": {i: [d if isinstance(d, int) else None for d in g.shapes[i]] for i, _ in part.cache},
         "head": head,
         "vocab_size": vocab,
         "max_context": context,

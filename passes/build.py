@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from stip.passes.errors import StipError
 from stip.passes.graph import Graph
 from stip.passes.partition import Partition
 from stip.passes.permute import Permutations, fold, inverse
@@ -150,6 +151,40 @@ def _unpermute_nodes(g: Graph, sol: Solution, perms: Permutations, src: str, dst
     return nodes, inits
 
 
+CACHE_SHAPE_SUFFIX = ".shape"
+
+
+def _cache_shapes_as_inputs(g: Graph, pre: onnx.ModelProto) -> None:
+    """The user never holds the KV cache, but pre may need its shape (positions start at the past length):
+    such Shape nodes read a small int64 input `<cache input>.shape` that the client fills in instead."""
+    cache_inputs = {i for i, _ in g.cache}
+    keep = [i for i in pre.graph.input if i.name not in cache_inputs]
+    used = [i.name for i in pre.graph.input if i.name in cache_inputs]
+    if not used:
+        return
+    for n in pre.graph.node:
+        for x in n.input:
+            if x in cache_inputs and n.op_type != "Shape":
+                raise StipError(f"{g.path}: the client graph would read the values of cache input '{x}' "
+                                f"({n.op_type} node '{n.name}'); only its shape may be used there")
+        if n.op_type == "Shape" and n.input[0] in cache_inputs:
+            src = n.input[0] + CACHE_SHAPE_SUFFIX
+            start = next((a.i for a in n.attribute if a.name == "start"), 0)
+            end = next((a.i for a in n.attribute if a.name == "end"), None)
+            rank = len(g.shapes[n.input[0]])
+            end = rank if end is None else (end + rank if end < 0 else end)
+            start = start + rank if start < 0 else start
+            bounds = [f"{n.output[0]}.start", f"{n.output[0]}.end"]
+            pre.graph.initializer.extend([numpy_helper.from_array(np.array([start], np.int64), bounds[0]),
+                                          numpy_helper.from_array(np.array([end], np.int64), bounds[1])])
+            n.op_type = "Slice"
+            del n.attribute[:]
+            n.input[:] = [src, *bounds]
+    del pre.graph.input[:]
+    pre.graph.input.extend(keep + [helper.make_tensor_value_info(x + CACHE_SHAPE_SUFFIX, TensorProto.INT64,
+                                                                 [len(g.shapes[x])]) for x in used])
+
+
 def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id: str,
           progress: Callable[[], None] | None = None, release_constants: bool = False) -> Bundle:
     """The three graphs. With release_constants, g.constants is consumed (emptied) as weights are folded."""
@@ -169,6 +204,7 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     pre_out_names = [t for t in part.crossing if g.producer.get(t) in set(part.pre_nodes)] + part.pre_outputs
     pre = _subgraph(g, sol, perms, part.pre_nodes, pre_inputs, [_value_info(g, t) for t in pre_out_names],
                     "stip_pre", progress, remaining)
+    _cache_shapes_as_inputs(g, pre)
 
     # server: crossing tensors + public inputs (+ its KV cache) -> outputs still permuted, renamed; the cache
     # outputs keep their names so they can be fed back as the next step's past

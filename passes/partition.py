@@ -108,6 +108,23 @@ def _lifted(g: Graph, sol: Solution, source: str) -> bool:
     return False
 
 
+def _static_producers(g: Graph, t: str) -> list[int] | None:
+    """Nodes computing `t` from constants only (dynamo ties embeddings as MatMul(x, Transpose(W))), or None."""
+    if t in g.constants:
+        return []
+    p = g.producer.get(t)
+    if p is None:
+        return None
+    out = [p]
+    for x in g.model.graph.node[p].input:
+        if x:
+            sub = _static_producers(g, x)
+            if sub is None:
+                return None
+            out += sub
+    return out
+
+
 def lm_head_tail(g: Graph, output: str, max_nodes: int = 8) -> tuple[list[int], str]:
     """The nodes from the last weight MatMul/Gemm to `output` (a chain), and that MatMul's activation input."""
     nodes = g.model.graph.node
@@ -119,11 +136,17 @@ def lm_head_tail(g: Graph, output: str, max_nodes: int = 8) -> tuple[list[int], 
             break
         n = nodes[p]
         tail.append(p)
-        acts = [x for x in n.input if x and x not in g.constants and x in g.producer or x in g.input_names]
-        if n.op_type in ("MatMul", "Gemm") and any(x in g.constants for x in n.input[:2]):
-            return sorted(tail), acts[0]
+        static = {x: _static_producers(g, x) for x in n.input if x}
+        acts = [x for x, chain in static.items() if chain is None]
+        if n.op_type in ("MatMul", "Gemm") and len(acts) == 1 and any(
+                static[x] is not None for x in n.input[:2] if x):
+            for chain in static.values():
+                tail += chain or []
+            return sorted(set(tail)), acts[0]
         if len(acts) != 1:
             break
+        for chain in static.values():
+            tail += chain or []
         t = acts[0]
     raise StipError(f"{g.path}: --head client: no weight MatMul/Gemm found within {max_nodes} nodes before "
                     f"output '{output}'")

@@ -10,6 +10,8 @@ unsupported op on the hidden path surfaces as a conflict that names it (see solv
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -170,17 +172,32 @@ def reshape(ctx: RuleContext) -> None:
                 ctx.fix(ctx.ax_out(0, a), why)
 
 
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+
+
+@functools.lru_cache(maxsize=4096)
 def _factors(d) -> tuple[int, tuple[str, ...]]:
+    """A dim as (integer coefficient, symbolic factors): 'floor(32*batch*(p + s)/(8*p + 8*s))' -> (4, (batch,)).
+
+    Symbolic shape inference writes products and sums of dims; sympy with positive integer symbols reduces
+    them so that Reshape's products can be compared."""
     if isinstance(d, int):
         return d, ()
-    parts = str(d).split("*")
-    n, syms = 1, []
-    for p in parts:
-        if p.strip().isdigit():
-            n *= int(p)
-        else:
-            syms.append(p.strip())
-    return n, tuple(sorted(syms))
+    text = str(d)
+    if _IDENT.fullmatch(text):
+        return 1, (text,)
+    import sympy
+
+    clean = re.sub(r"[^A-Za-z_0-9+*/() .-]", "_", text)
+    names = set(_IDENT.findall(clean)) - {"floor", "ceiling", "Max", "Min", "Mod"}
+    local = {n: sympy.Symbol(n, integer=True, positive=True) for n in names}
+    try:
+        expr = sympy.simplify(sympy.sympify(clean, locals=local))
+        coeff, rest = expr.as_coeff_Mul()
+        factors = tuple(sorted(str(f) for f in sympy.Mul.make_args(rest) if f != 1))
+        return int(coeff), factors
+    except Exception:  # noqa: BLE001 - an unparseable dim is an opaque symbol
+        return 1, (text,)
 
 
 def _mul(x, y):

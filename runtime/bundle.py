@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from stip.passes.build import KEY_ID_PROP
+from stip.passes.build import CACHE_SHAPE_SUFFIX, KEY_ID_PROP
 from stip.passes.errors import StipError
 from stip.runtime.sessions import make_session
 
@@ -51,12 +51,22 @@ class Client:
             raise StipError(f"{where}: server graph key id {server_key_id} does not match client key id "
                             f"{self.key_id}; the two bundles come from different compiles")
 
-    def prepare(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Returns (what the server receives, pre outputs kept locally for post)."""
+    def prepare(self, feeds: dict[str, np.ndarray],
+                past_length: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Returns (what the server receives, pre outputs kept locally for post). `past_length` is how many
+        tokens the server's KV cache holds (the client knows it without ever seeing the cache)."""
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise StipError(f"missing model input(s): {', '.join(missing)}")
-        pre_in = {i.name: feeds[i.name] for i in self.pre.get_inputs()}
+        batch = next(iter(feeds.values())).shape[0] if feeds else 1
+        pre_in = {}
+        for i in self.pre.get_inputs():
+            if i.name.endswith(CACHE_SHAPE_SUFFIX) and i.name not in feeds:
+                dims = self.manifest["cache_dims"][i.name[: -len(CACHE_SHAPE_SUFFIX)]]
+                pre_in[i.name] = np.array([batch if a == 0 else (past_length if d is None else d)
+                                           for a, d in enumerate(dims)], dtype=np.int64)
+            else:
+                pre_in[i.name] = feeds[i.name]
         pre_out = dict(zip([o.name for o in self.pre.get_outputs()], self.pre.run(None, pre_in)))
         to_server = {n: pre_out[n] for n in self.manifest["crossing"]}
         for n in self.manifest["public"]:

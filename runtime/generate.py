@@ -151,7 +151,7 @@ class StipGenerator:
         seq = CachedSession(self.server.session)
 
         def step(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            to_server, kept = self.client.prepare(feeds)
+            to_server, kept = self.client.prepare(feeds, seq.past_length)
             return self.client.finish(seq.run(to_server), kept)
 
         yield from decode(step, self.client.input_names, prompt, max_new_tokens, sampler or Sampler(),

@@ -129,7 +129,7 @@ def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq:
         feeds = random_feeds(original, batch, length, seed + step, past=start)
         feeds = {k: v for k, v in feeds.items() if k in plain.inputs}
         ref = plain.run(feeds)
-        to_server, kept = dep.client.prepare(feeds)
+        to_server, kept = dep.client.prepare(feeds, stip.past_length)
         got = dep.client.finish(stip.run(to_server), kept)
         checks = compare(ref, got, atol, rtol)
     return checks

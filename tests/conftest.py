@@ -39,6 +39,12 @@ EXPORTERS = {
     "roberta": lambda p, **kw: export_models.export_encoder(p, "roberta", **kw),
     "distilbert": lambda p, **kw: export_models.export_encoder(p, "distilbert", **kw),
     "electra": lambda p, **kw: export_models.export_encoder(p, "electra", **kw),
+    "gpt2": lambda p, **kw: export_models.export_gpt2(p, **kw),
+    "gpt2-cache": lambda p, **kw: export_models.export_gpt2(p, cache=True, **kw),
+    "gpt2-cache-tied": lambda p, **kw: export_models.export_gpt2(
+        p, cache=True, config=export_models.tiny_gpt2_config(vocab_size=257), **kw),
+    "llama": lambda p, **kw: export_models.export_llama(p, **kw),
+    "llama-cache": lambda p, **kw: export_models.export_llama(p, cache=True, **kw),
 }
 
 
