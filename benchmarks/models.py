@@ -88,3 +88,49 @@ def feeds(batch: int = 1, seq: int = SEQ, seed: int = 0) -> dict[str, np.ndarray
         "attention_mask": np.ones((batch, seq), dtype=np.int64),
         "token_type_ids": np.zeros((batch, seq), dtype=np.int64),
     }
+
+
+# --- Decoders (bench_generate.py) -------------------------------------------------------------------------------
+# Kept apart from EXPORTERS/model_path so bench_server and bench_compile keep their model list and their BERT feeds.
+
+GPT2_VOCAB = 50257
+
+
+def _export_gpt2_small(path: Path) -> None:
+    """GPT-2-small shape (768 x 12 layers, 12 heads, FFN 3072, vocab 50257, 1024 positions), random weights, with a
+    KV cache (past_key_values.* in, present.* out): the size and interface of a real GPT-2 checkpoint's export."""
+    em = _examples()
+    cfg = em.tiny_gpt2_config(n_embd=768, n_layer=12, n_head=12, n_inner=3072, vocab_size=GPT2_VOCAB,
+                              n_positions=1024)
+    em.export_gpt2(path, dynamo=False, cache=True, config=cfg)
+
+
+def _export_gpt2_mini(path: Path) -> None:
+    """A 4-layer, 256-wide GPT-2 with the full 50257 vocabulary, for smoke tests of bench_generate (the vocab axis
+    is what the client's post graph un-permutes, so it keeps its real size)."""
+    em = _examples()
+    cfg = em.tiny_gpt2_config(n_embd=256, n_layer=4, n_head=4, n_inner=1024, vocab_size=GPT2_VOCAB,
+                              n_positions=1024)
+    em.export_gpt2(path, dynamo=False, cache=True, config=cfg)
+
+
+DECODERS: dict[str, Callable[[Path], None]] = {"gpt2-small": _export_gpt2_small, "gpt2-mini": _export_gpt2_mini}
+
+
+def decoder_path(name: str) -> Path:
+    """The cached KV-cache decoder .onnx for `name`, exported on first use (torch is imported only then)."""
+    if name not in DECODERS:
+        raise SystemExit(f"unknown decoder '{name}'; choose from {', '.join(DECODERS)}")
+    path = _ensure_cache() / f"{name}-kv.onnx"
+    if not path.exists():
+        tmp = path.with_suffix(".onnx.tmp")
+        print(f"exporting {name} -> {path} (once; cached)", file=sys.stderr, flush=True)
+        DECODERS[name](tmp)
+        tmp.rename(path)
+    return path
+
+
+def prompt_ids(length: int, seed: int = 0, vocab: int = GPT2_VOCAB) -> list[int]:
+    """A reproducible random prompt of `length` token ids (random weights make any ids equally meaningful)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab, size=length).tolist()

@@ -365,6 +365,27 @@ def export_llama(path, *, dynamo: bool, opset: int = 17, cache: bool = False, se
                              kv_heads=cfg.num_key_value_heads, head_dim=head_dim, position_ids=True)
 
 
+def export_llama_like(path, family: str, *, dynamo: bool, opset: int = 17, cache: bool = True, seed: int = 0):
+    """Other Llama-family decoders (Qwen2 q/k/v biases, Mistral, Phi-3 fused qkv and gate|up, Gemma GeGLU and
+    scaled embeddings): stip has no code specific to any of them."""
+    import transformers as tf
+
+    small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg, cls = {
+        "qwen2": (lambda: tf.Qwen2Config(**small), tf.Qwen2ForCausalLM),
+        "mistral": (lambda: tf.MistralConfig(**small), tf.MistralForCausalLM),
+        "phi3": (lambda: tf.Phi3Config(**small, pad_token_id=0), tf.Phi3ForCausalLM),
+        "gemma": (lambda: tf.GemmaConfig(**small, head_dim=8), tf.GemmaForCausalLM),
+    }[family]
+    config = cfg()
+    torch.manual_seed(seed)
+    model = randomize_(cls(config), seed=seed)
+    return _export_causal_lm(model, path, dynamo=dynamo, opset=opset, cache=cache, seed=seed,
+                             kv_heads=config.num_key_value_heads,
+                             head_dim=config.hidden_size // config.num_attention_heads, position_ids=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("family", choices=["bert", "bert-cls", "vit", "gpt2", "gpt2-cache", "llama", "llama-cache"])

@@ -86,11 +86,48 @@ class Spaces:
         return self.find(a)
 
     def _unify_links(self, ka: str, la: tuple[int, ...], kb: str, lb: tuple[int, ...]) -> None:
+        if ka == kb == "cat" and la != lb:
+            self._unify_cat(la, lb)
+            return
         if ka != kb or len(la) != len(lb):
             raise SpaceConflict(f"axis structured as {_describe(self, ka, la)} in one place and "
                                 f"{_describe(self, kb, lb)} in another")
         for x, y in zip(la, lb):
             self.union(x, y)
+
+    def _unify_cat(self, la: tuple[int, ...], lb: tuple[int, ...]) -> None:
+        """Two concatenations of one axis with different block boundaries (Phi-3 slices q | k | v out of one
+        projection: [0:32) and [32:64) in one place, [32:48) and [48:64) in another) meet on their common
+        refinement: a block spanning several finer blocks becomes a concatenation of them."""
+        sa = [self.info(x).size for x in la]
+        sb = [self.info(x).size for x in lb]
+        if not all(isinstance(v, int) for v in sa + sb) or sum(sa) != sum(sb):
+            if len(la) == len(lb):
+                for x, y in zip(la, lb):
+                    self.union(x, y)
+                return
+            raise SpaceConflict(f"axis structured as {_describe(self, 'cat', la)} in one place and "
+                                f"{_describe(self, 'cat', lb)} in another")
+        cuts = sorted({0, *_cumsum(sa), *_cumsum(sb)})
+        segs_a = self._refine(la, sa, cuts)
+        segs_b = self._refine(lb, sb, cuts)
+        for x, y in zip(segs_a, segs_b):
+            self.union(x, y)
+
+    def _refine(self, parts: tuple[int, ...], sizes: list[int], cuts: list[int]) -> list[int]:
+        out: list[int] = []
+        start = 0
+        for part, size in zip(parts, sizes):
+            inner = [c for c in cuts if start < c < start + size]
+            if not inner:
+                out.append(part)
+            else:
+                bounds = [start, *inner, start + size]
+                pieces = [self.fresh(hi - lo) for lo, hi in zip(bounds, bounds[1:])]
+                self.link(part, pieces, "cat")
+                out.extend(pieces)
+            start += size
+        return out
 
     def link(self, whole: int, parts: list[int], kind: str = "prod") -> None:
         """Record that class `whole` is built from `parts`: their row-major flattening (kind "prod", e.g.
@@ -116,6 +153,14 @@ class Spaces:
     def link_of(self, i: int) -> tuple[int, ...] | None:
         link = self._info[self.find(i)].link
         return None if link is None else tuple(self.find(x) for x in link)
+
+
+def _cumsum(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in sizes:
+        total += v
+        out.append(total)
+    return out
 
 
 def _describe(sp: Spaces, kind: str, parts: tuple[int, ...]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -45,6 +46,8 @@ EXPORTERS = {
         p, cache=True, config=export_models.tiny_gpt2_config(vocab_size=257), **kw),
     "llama": lambda p, **kw: export_models.export_llama(p, **kw),
     "llama-cache": lambda p, **kw: export_models.export_llama(p, cache=True, **kw),
+    **{f"{fam}-cache": functools.partial(export_models.export_llama_like, family=fam)
+       for fam in ("qwen2", "mistral", "phi3", "gemma")},
 }
 
 

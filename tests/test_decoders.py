@@ -134,3 +134,14 @@ def test_server_weights_are_all_permuted_for_tied_embeddings(zoo, tmp_path):
         w = onnx.numpy_helper.to_array(t)
         if w.ndim >= 2:
             assert not any(o.shape == w.shape and np.array_equal(o, w) for o in original), t.name
+
+
+@pytest.mark.parametrize("family", ["qwen2-cache", "mistral-cache", "phi3-cache", "gemma-cache"])
+def test_other_llama_like_decoders_need_no_model_specific_code(zoo, tmp_path, family):
+    """Qwen2 (q/k/v biases), Mistral, Phi-3 (fused qkv and gate|up), Gemma (GeGLU, scaled embeddings)."""
+    model = zoo.get(family)
+    compile_model(model, tmp_path / "out")
+    checks = verify(tmp_path / "out", model, batch=2, seq=3, past=6, device="cpu")
+    assert all(c.ok for c in checks), checks
+    assert list(StipGenerator(tmp_path / "out", device="cpu").generate(PROMPT, 33)) == \
+        generate_plaintext(model, PROMPT, 33)
