@@ -145,3 +145,40 @@ def test_other_llama_like_decoders_need_no_model_specific_code(zoo, tmp_path, fa
     assert all(c.ok for c in checks), checks
     assert list(StipGenerator(tmp_path / "out", device="cpu").generate(PROMPT, 33)) == \
         generate_plaintext(model, PROMPT, 33)
+
+
+def _tiny_tokenizer(path):
+    """A real fast tokenizer (tokenizer.json) trained here, with ids inside the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.BPEDecoder()
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world", "private inference on permuted weights"]
+    tok.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=100, special_tokens=["[UNK]"]))
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    return tok
+
+
+def test_stip_generate_cli_with_tokenizer_streams_text(zoo, tmp_path):
+    import subprocess
+    import sys
+
+    model = zoo.get("gpt2-cache")
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    compile_model(model, tmp_path / "out", tokenizer=tmp_path / "tok")
+    assert (tmp_path / "out" / "client" / "tokenizer" / "tokenizer.json").exists()
+    prompt = "hello world"
+    ids = tok.encode(prompt).ids
+    expected = generate_plaintext(model, ids, 6)
+    cli = [sys.executable, "-m", "stip.compiler.cli", "generate", str(tmp_path / "out")]
+    r = subprocess.run([*cli, "--prompt", prompt, "--max-new-tokens", "6", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(prompt) and tok.decode(expected) in r.stdout
+    r = subprocess.run([*cli, "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "6"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and tok.decode(expected) in r.stdout
+    r = subprocess.run([*cli, "--prompt-ids", "1,2,999", "--max-new-tokens", "3"], capture_output=True, text=True)
+    assert r.returncode == 2 and "outside the vocabulary" in r.stderr and "Traceback" not in r.stderr
