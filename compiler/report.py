@@ -38,7 +38,10 @@ def describe_spaces(g: Graph, sol: Solution) -> list[dict]:
     rows = []
     for c, name in sorted(sol.permuted.items(), key=lambda kv: _order(kv[1])):
         link = sol.link(c)
-        if link:
+        if link and sol.spaces.kind_of(c) == "cat":
+            parts = [f"{sol.spaces.info(x).size}" + ("" if x in sol.permuted else " (fixed)") for x in link]
+            structure = " | ".join(parts) + " (concatenated blocks, each permuted within itself)"
+        elif link:
             parts = [f"{sol.spaces.info(x).size}" + ("" if x in sol.permuted else " (fixed)") for x in link]
             structure = " x ".join(parts)
             inner = link[-1]
@@ -58,7 +61,8 @@ def describe_spaces(g: Graph, sol: Solution) -> list[dict]:
 def _log10_choices(sol: Solution, c: int) -> float:
     link = sol.link(c)
     if link:
-        return sum(_log10_choices(sol, x) for x in link if x in sol.permuted)
+        parts = link if sol.spaces.kind_of(c) == "prod" else set(link)  # rotary halves share one permutation
+        return sum(_log10_choices(sol, x) for x in parts if x in sol.permuted)
     n = log10_factorial(sol.sizes[c])
     if c in sol.dependent:
         n *= sol.sizes[sol.dependent[c]]
@@ -98,8 +102,9 @@ def plaintext_crossings(g: Graph, sol: Solution, part: Partition) -> list[dict]:
             kind = "plaintext"
         rows.append({"tensor": t, "from": "client.pre", "dtype": DTYPE.get(g.dtypes.get(t, 0), "?"),
                      "shape": _fmt_shape(g, t), "kind": kind, "reveals": reveals})
+    cache = {i for i, _ in part.cache}
     for n in part.public:
-        if n not in {x for i in part.server_nodes for x in nodes[i].input}:
+        if n in cache or n not in {x for i in part.server_nodes for x in nodes[i].input}:
             continue
         low = n.lower()
         if "mask" in low:
@@ -148,7 +153,9 @@ def model_summary(g: Graph, sol: Solution, part: Partition | None) -> dict:
     }
     if part is not None:
         out["private_inputs"] = part.private
-        out["public_inputs"] = part.public
+        out["public_inputs"] = [n for n in part.public if n not in {i for i, _ in part.cache}]
+        out["server_state"] = [{"input": i, "output": o, "spaces": [sol.name(c) for c in sol.classes(
+            i, len(g.shapes.get(i, [])))]} for i, o in part.cache]
         out["client_pre_nodes"] = len(part.pre_nodes)
         out["server_nodes"] = len(part.server_nodes)
         out["crosses_to_server"] = plaintext_crossings(g, sol, part)
@@ -181,6 +188,11 @@ def render(report: dict) -> str:
         if "private_inputs" in report:
             con.print(f"private inputs (client only): {', '.join(report['private_inputs']) or '-'}")
             con.print(f"public inputs: {', '.join(report['public_inputs']) or '-'}")
+            if report.get("server_state"):
+                first = report["server_state"][0]
+                con.print(f"server-held KV cache: {len(report['server_state'])} tensors ({first['input']} -> "
+                          f"{first['output']}, ...), permuted ({', '.join(x or '-' for x in first['spaces'])}); "
+                          "never sent to users")
             con.print(f"client pre graph: {report['client_pre_nodes']} nodes, about "
                       f"{_human(report['client_bytes_estimate'])} of weights; server graph: "
                       f"{report['server_nodes']} nodes")

@@ -380,6 +380,8 @@ def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, i
         elif c in pairs:
             h, i = pairs[c]
             names[c] = f"layer{layer_of.get(h, '?')}.{'qk' if i in qk_inner else 'v'}"
+        elif c in inner_owner and sp.link_of(c) and sp.kind_of(c) == "cat":
+            names[c] = "rotary.head_dim"  # one head_dim permutation for every layer: RoPE's tables are shared
         elif c in inner_owner:
             h = inner_owner[c]
             names[c] = f"layer{layer_of.get(h, '?')}.{'qk' if c in qk_inner else 'v'}.inner"
