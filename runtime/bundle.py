@@ -14,6 +14,7 @@ import onnx
 
 from stip.passes.build import CACHE_SHAPE_SUFFIX, KEY_ID_PROP
 from stip.passes.errors import StipError
+from stip.runtime.cache import CachedSession
 from stip.runtime.sessions import make_session
 
 CLIENT_MANIFEST = "stip.json"
@@ -89,16 +90,24 @@ class Server:
             raise StipError(f"{d}: not a stip server bundle (missing model.onnx)")
         self.key_id = model_key_id(path)
         self.session = make_session(path, device)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.path = path
+        self.path = self.where = path
+        probe = CachedSession(self.session)
+        self.input_names, self.output_names = probe.inputs, [o for o in probe.outputs
+                                                             if o not in probe.cache_outputs]
+        self.has_cache = bool(probe.pairs)
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    def sequence(self, steps: int | None = None, batch: int = 1) -> CachedSession:
+        """A generation whose KV cache this server keeps (in process: the object itself)."""
+        return CachedSession(self.session, batch)
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(None, {n: feeds[n] for n in self.input_names})))
+        """One stateless request (a cache model starts from an empty cache and keeps nothing)."""
+        batch = next(iter(feeds.values())).shape[0] if feeds else 1
+        return CachedSession(self.session, batch).run(feeds)
 
 
 class LocalDeployment:

@@ -16,44 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from stip.passes.errors import StipError
-from stip.passes.state import pair_cache
 from stip.runtime.bundle import Client, Server
+from stip.runtime.cache import CachedSession
 from stip.runtime.sessions import make_session
 
-NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-            "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
-
-class CachedSession:
-    """An ORT session whose KV cache stays inside this object: past in, present kept, only outputs returned.
-
-    On the server this is the whole point: the client never receives the cache, only permuted logits."""
-
-    def __init__(self, session, batch: int = 1):
-        self.session = session
-        ins = {i.name: i for i in session.get_inputs()}
-        outs = [o.name for o in session.get_outputs()]
-        self.pairs = pair_cache(list(ins), outs, "server graph")
-        self.past: dict[str, np.ndarray] = {}
-        for past, _ in self.pairs:
-            info = ins[past]
-            shape = [d if isinstance(d, int) else (batch if a == 0 else 0) for a, d in enumerate(info.shape)]
-            self.past[past] = np.zeros(shape, dtype=NP_TYPES.get(info.type, np.float32))
-        self.inputs = [n for n in ins if n not in self.past]
-        self.outputs = outs
-        self.cache_outputs = {o for _, o in self.pairs}
-
-    @property
-    def past_length(self) -> int:
-        return next((int(v.shape[2]) for v in self.past.values()), 0)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(None, {**{n: feeds[n] for n in self.inputs}, **self.past})
-        result = dict(zip(self.outputs, values))
-        for past, present in self.pairs:
-            self.past[past] = result.pop(present)
-        return result
 
 
 @dataclass
@@ -111,18 +78,21 @@ def decode(step: Step, input_names: list[str], prompt: list[int], max_new_tokens
 class StipGenerator:
     """The user's side of private generation against a server (in-process here; over HTTP in serving)."""
 
-    def __init__(self, bundle_dir: str | Path, device: str = "auto", server: Server | None = None):
+    def __init__(self, bundle_dir: str | Path, device: str = "auto", server=None):
+        """`bundle_dir`: a bundle root or its client/ dir. `server`: a local Server (default: bundle/server) or
+        a stip.runtime.remote.RemoteServer; anything with `key_id` and `sequence()`."""
         d = Path(bundle_dir)
-        self.client = Client(d / "client", device="cpu")
-        self.server = server or Server(d / "server", device)
-        self.client.check_server(self.server.key_id, str(d / "server" / "model.onnx"))
+        client_dir = d if (d / "pre.onnx").exists() else d / "client"
+        self.client = Client(client_dir, device="cpu")
+        self.server = server or Server(client_dir.parent / "server", device)
+        self.client.check_server(self.server.key_id, str(getattr(self.server, "where", "server")))
         man = self.client.manifest
         self.cached = bool(man.get("cache"))
         self.vocab = man.get("vocab_size", {}).get("input_ids")
         self.max_context = man.get("max_context")
         self.tokenizer = None
         if man.get("tokenizer"):
-            self.tokenizer = _load_tokenizer(d / "client" / man["tokenizer"])
+            self.tokenizer = _load_tokenizer(client_dir / man["tokenizer"])
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -148,14 +118,17 @@ class StipGenerator:
         if not self.cached and max_new_tokens > 1:
             warnings.warn("bundle compiled without a KV cache: re-running the whole prompt for every new token",
                           stacklevel=2)
-        seq = CachedSession(self.server.session)
+        seq = self.server.sequence(steps=max_new_tokens)
 
         def step(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             to_server, kept = self.client.prepare(feeds, seq.past_length)
             return self.client.finish(seq.run(to_server), kept)
 
-        yield from decode(step, self.client.input_names, prompt, max_new_tokens, sampler or Sampler(),
-                          self.cached)
+        try:
+            yield from decode(step, self.client.input_names, prompt, max_new_tokens, sampler or Sampler(),
+                              self.cached)
+        finally:
+            seq.close()
 
 
 def generate_plaintext(model: str | Path, prompt: list[int], max_new_tokens: int,

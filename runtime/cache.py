@@ -1,0 +1,49 @@
+"""Server-held KV cache: past in, present kept, only the user-facing outputs returned.
+
+Why its own module: the in-process runtime, the network server and the plaintext reference all drive ONNX graphs
+with `past_key_values.*` inputs the same way; on the server this object is the whole point of the design, since
+the client never receives the cache, only permuted logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stip.passes.state import pair_cache
+
+NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+            "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+class CachedSession:
+    """An ORT session whose KV cache stays inside this object (empty at start; batch is fixed per sequence)."""
+
+    def __init__(self, session, batch: int = 1):
+        self.session = session
+        ins = {i.name: i for i in session.get_inputs()}
+        outs = [o.name for o in session.get_outputs()]
+        self.pairs = pair_cache(list(ins), outs, "server graph")
+        self.past: dict[str, np.ndarray] = {}
+        for past, _ in self.pairs:
+            info = ins[past]
+            shape = [d if isinstance(d, int) else (batch if a == 0 else 0) for a, d in enumerate(info.shape)]
+            self.past[past] = np.zeros(shape, dtype=NP_TYPES.get(info.type, np.float32))
+        self.inputs = [n for n in ins if n not in self.past]
+        self.outputs = outs
+        self.cache_outputs = {o for _, o in self.pairs}
+
+    @property
+    def past_length(self) -> int:
+        return next((int(v.shape[2]) for v in self.past.values()), 0)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(None, {**{n: feeds[n] for n in self.inputs}, **self.past})
+        result = dict(zip(self.outputs, values))
+        for past, present in self.pairs:
+            self.past[past] = result.pop(present)
+        return result
+
+
+
+    def close(self) -> None:
+        self.past.clear()
