@@ -87,7 +87,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     """Generate text privately: pre and post run here, the server graph keeps the permuted KV cache."""
     from stip.runtime.generate import Sampler, StipGenerator, stream
 
-    gen = StipGenerator(a.bundle, device=a.device)
+    server = None
+    if a.server:
+        from stip.runtime.remote import RemoteServer
+
+        server = RemoteServer(a.server, a.model_name)
+    gen = StipGenerator(a.bundle, device=a.device, server=server)
     if (a.prompt is None) == (a.prompt_ids is None):
         raise StipError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if a.prompt is not None:
@@ -103,6 +108,37 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.prompt is not None:
         print(a.prompt, end="", flush=True)
     stream(gen, prompt, a.max_new_tokens, sampler)
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    """Run pre -> server -> post once on inputs from .npy/.npz files; the server may be remote (--server)."""
+    import numpy as np
+
+    feeds: dict = {}
+    if a.inputs:
+        if not Path(a.inputs).exists():
+            raise StipError(f"{a.inputs}: no such file")
+        with np.load(a.inputs) as z:
+            feeds.update({k: z[k] for k in z.files})
+    for item in a.input:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).exists():
+            raise StipError(f"--input {item}: expected NAME=FILE.npy with an existing file")
+        feeds[name] = np.load(path)
+    if a.server:
+        from stip.runtime.remote import RemoteClient
+
+        outputs = RemoteClient(a.bundle, a.server, a.model_name).run(feeds)
+    else:
+        from stip.runtime.bundle import LocalDeployment
+
+        outputs = LocalDeployment(a.bundle, a.device).run(feeds)
+    for name, value in outputs.items():
+        print(f"{name}: {value.dtype}{list(value.shape)}")
+    if a.output:
+        np.savez(a.output, **outputs)
+        print(f"wrote {a.output}")
     return 0
 
 
@@ -154,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible runs)")
     gn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="where the server graph runs (default: CUDA when a GPU is visible)")
+    gn.add_argument("--server", metavar="URL", help="run the server graph remotely (stip serve / Triton), e.g. "
+                    "http://127.0.0.1:8000; then BUNDLE may be just the client/ directory")
+    gn.add_argument("--model-name", default="stip", help="model name on the server (default: stip)")
+
+    rn = add("run", cmd_run)
+    rn.add_argument("bundle", help="bundle directory (or its client/ directory with --server)")
+    rn.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                    help="one model input from a .npy file (repeatable), or --inputs FILE.npz")
+    rn.add_argument("--inputs", metavar="FILE.npz", help="all model inputs from one .npz file")
+    rn.add_argument("-o", "--output", metavar="FILE.npz", help="write the outputs here")
+    rn.add_argument("--server", metavar="URL", help="run the server graph remotely, e.g. http://127.0.0.1:8000")
+    rn.add_argument("--model-name", default="stip", help="model name on the server (default: stip)")
+    rn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     v = add("verify", cmd_verify)
     v.add_argument("bundle", help="bundle directory written by `stip compile`")

@@ -120,9 +120,13 @@ class StipGenerator:
                           stacklevel=2)
         seq = self.server.sequence(steps=max_new_tokens)
 
+        fed = [0]  # tokens the server's cache holds; the client counts them, it never sees the cache
+
         def step(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            to_server, kept = self.client.prepare(feeds, seq.past_length)
-            return self.client.finish(seq.run(to_server), kept)
+            to_server, kept = self.client.prepare(feeds, fed[0] if self.cached else 0)
+            out = self.client.finish(seq.run(to_server), kept)
+            fed[0] += int(feeds["input_ids"].shape[1])
+            return out
 
         try:
             yield from decode(step, self.client.input_names, prompt, max_new_tokens, sampler or Sampler(),
