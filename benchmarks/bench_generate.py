@@ -4,23 +4,28 @@ Why this shape: generation is one round trip per token, so the per-token cost of
 sampling is paid 1000 times per answer and must stay small next to the model itself. A GPT-2-small-sized decoder
 (random weights, exported with its KV cache) is compiled twice, with the LM head on the server (the client's post
 only un-permutes the 50257 logits) and on the client (post holds the LM head too). All sides run in lockstep in one
-process: every generation advances one token at a time in rotation (plaintext, an A/A control session of the
-plaintext model, stip head=server, stip head=client), so neighbour noise hits every side alike, and each token is
-timed individually. All sessions come from `make_session` with the same thread count; the client and server run
-in-process, with the exact `StipGenerator.generate` loop users run, timed through thin proxies that record each
-ORT run, Client.prepare/finish and the sampler.
+process: every generation advances one token at a time, the sides (plaintext, stip head=server, stip head=client
+and an A/A control session of the plaintext model) taking turns in every possible order equally often, so
+neighbour noise hits every side alike and no side always follows the same one; each token is timed individually.
+All sessions come from `make_session` with the same thread count; the client and server run in-process, with the
+exact `StipGenerator.generate` loop users run, timed through thin proxies that record each ORT run,
+Client.prepare/finish and the sampler.
 
 Goal: stip(head=server) / plaintext <= 1.05 per decoded token (paired median); greedy tokens identical.
 
-    python benchmarks/bench_generate.py [--model gpt2-small] [--reps 10] [--new-tokens 32] [--prompt-len 32]
+    python benchmarks/bench_generate.py [--model gpt2-small] [--reps 20] [--new-tokens 32] [--prompt-len 32]
                                         [--threads 1] [--quick] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
+import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -123,19 +128,39 @@ def plaintext_side(name: str, src: Path, threads: int) -> Side:
     return Side(name, start, probe)
 
 
-def stip_side(name: str, bundle: Path, threads: int) -> Side:
-    """StipGenerator.generate, unchanged, with every session rebuilt at `threads` (it has no threads option)."""
-    from stip.runtime.bundle import Server
-    from stip.runtime.generate import Sampler, StipGenerator
+@contextlib.contextmanager
+def _session_threads(threads: int) -> Iterator[None]:
+    """Client, Server and StipGenerator take no session options; while this is active, the make_session they call
+    builds every session at `threads`, so each model is loaded once, with the same options as the plaintext one.
+    (Loading at the default and swapping `server.session` after would also work, but leaves freed holes of
+    hundreds of MB between sessions, and where the weights land moves decode time by percents: see _huge_pages.)"""
+    from stip.runtime import bundle
     from stip.runtime.sessions import make_session
 
+    bundle.make_session = functools.partial(make_session, threads=threads)
+    try:
+        yield
+    finally:
+        bundle.make_session = make_session
+
+
+def stip_side(name: str, bundle: Path, threads: int) -> Side:
+    """StipGenerator.generate, unchanged, over sessions built at `threads`, timed through proxies."""
+    from stip.runtime.bundle import Server
+    from stip.runtime.generate import Sampler, StipGenerator
+
     probe = Probe()
-    server = Server(bundle / "server", "cpu")
-    server.session = TimedSession(make_session(server.path, "cpu", threads), probe, "server_ort")
-    gen = StipGenerator(bundle, device="cpu", server=server)
+    with _session_threads(threads):
+        server = Server(bundle / "server", "cpu")
+        gen = StipGenerator(bundle, device="cpu", server=server)
     c = gen.client
-    c.pre = TimedSession(make_session(bundle / "client" / "pre.onnx", "cpu", threads), probe, "pre_ort")
-    c.post = TimedSession(make_session(bundle / "client" / "post.onnx", "cpu", threads), probe, "post_ort")
+    for s in (server.session, c.pre, c.post):  # the patch took effect (a session reports 0 when left default)
+        got = s.get_session_options().intra_op_num_threads
+        if got != threads:
+            raise SystemExit(f"{name}: session built with {got} threads, not {threads}")
+    server.session = TimedSession(server.session, probe, "server_ort")
+    c.pre = TimedSession(c.pre, probe, "pre_ort")
+    c.post = TimedSession(c.post, probe, "post_ort")
     c.prepare = _timed(c.prepare, probe, "pre")  # instance attributes shadow the bound methods
     c.finish = _timed(c.finish, probe, "post")
     sampler = _timed_sampler(Sampler(), probe)
@@ -176,6 +201,34 @@ def prefill_logits(side: Side, prompt: list[int]) -> np.ndarray:
         side.probe.take()
 
 
+THP_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def _huge_pages(enable: bool) -> None:
+    """Re-exec once with glibc's malloc asking for transparent huge pages (Linux, glibc >= 2.35).
+
+    Why: with 4 KiB pages, a decoder step streams ~500 MB of weights and its speed depends on where each session's
+    weights landed: sessions of the *same* model created one after another ran 2-10% apart, the first-created
+    slowest, in every fresh process (page-walk cost, not the graph). With THP-backed weights the A/A spread
+    drops to noise. THP is left to the kernel's `madvise` policy, which this tunable opts into; the run reports
+    how much memory actually got huge pages (0 means the tunable was ignored)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if not enable or not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables:
+        return
+    env = {**os.environ, "GLIBC_TUNABLES": f"{tunables}:{THP_TUNABLE}" if tunables else THP_TUNABLE}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def _anon_huge_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def bench(model: str, reps: int, warmup: int, new_tokens: int, prompt_len: int, threads: int, settle_ms: float,
           control: bool) -> dict:
     from stip.compiler.pipeline import compile_model
@@ -191,10 +244,13 @@ def bench(model: str, reps: int, warmup: int, new_tokens: int, prompt_len: int, 
             compile_s[head] = clock() - t0
             sizes[head] = {"client_bytes": _dir_bytes(Path(tmp) / head / "client"),
                            "server_bytes": _dir_bytes(Path(tmp) / head / "server")}
+        # Creation order matters without huge pages (see _huge_pages): the control is made last, so the A/A
+        # pair brackets the stip sessions and shows the size of that effect in this run.
         sides = [plaintext_side("plaintext", src, threads)]
+        sides += [stip_side(f"stip head={h}", Path(tmp) / h, threads) for h in HEADS]
         if control:
             sides.append(plaintext_side("control", src, threads))
-        sides += [stip_side(f"stip head={h}", Path(tmp) / h, threads) for h in HEADS]
+        anon_huge_mib = _anon_huge_mib()
         names = [s.name for s in sides]
 
         # Correctness first, so a broken bundle cannot look fast: prefill logits and greedy tokens.
@@ -209,6 +265,9 @@ def bench(model: str, reps: int, warmup: int, new_tokens: int, prompt_len: int, 
                 s.probe.take()
 
         # rec[side][rep] = list of per-token dicts (token 0 is the prefill), seconds
+        # Every order of the sides equally often: none always goes first, and none always follows the same one
+        # (a cyclic rotation would fix each side's predecessor, whose cache and TLB footprint it inherits).
+        orders = list(itertools.permutations(sides))
         rec: dict[str, list[list[dict[str, float]]]] = {n: [] for n in names}
         tokens: dict[str, list[list[int]]] = {n: [] for n in names}
         for r in range(reps):
@@ -220,8 +279,9 @@ def bench(model: str, reps: int, warmup: int, new_tokens: int, prompt_len: int, 
             gc.disable()
             try:
                 for k in range(new_tokens):
-                    shift = (r + k) % len(sides)  # every side goes first equally often
-                    for s in sides[shift:] + sides[:shift]:
+                    # prefills cycle through the orders by repetition, decode steps by their running count
+                    i = r if k == 0 else r * (new_tokens - 1) + k - 1
+                    for s in orders[i % len(orders)]:
                         if settle_ms:
                             time.sleep(settle_ms / 1e3)
                         s.probe.take()
@@ -238,8 +298,10 @@ def bench(model: str, reps: int, warmup: int, new_tokens: int, prompt_len: int, 
                 g.close()
         print(f"[{model}] done", file=sys.stderr, flush=True)
 
-    return summarise(model, src, rec, tokens, names, sizes, compile_s, max_abs, reps, new_tokens, prompt_len,
-                     threads, settle_ms)
+    res = summarise(model, src, rec, tokens, names, sizes, compile_s, max_abs, reps, new_tokens, prompt_len,
+                    threads, settle_ms)
+    res["anon_huge_pages_mib"] = anon_huge_mib
+    return res
 
 
 def summarise(model, src, rec, tokens, names, sizes, compile_s, max_abs, reps, new_tokens, prompt_len, threads,
@@ -309,6 +371,10 @@ def _first_mismatch(a: list[list[int]], b: list[list[int]]) -> list[int] | None:
     return None
 
 
+def _mib(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.0f} MiB"
+
+
 def render(res: dict) -> str:
     def ratio(x: dict) -> str:
         lo, hi = x["paired_iqr"]
@@ -316,7 +382,7 @@ def render(res: dict) -> str:
 
     lines = [
         f"{res['model']} ({res['file_mib']:.0f} MiB), prompt {res['prompt_len']} + {res['new_tokens']} new tokens, "
-        f"{res['reps']} reps, threads {res['threads']}",
+        f"{res['reps']} reps, threads {res['threads']}, huge pages {_mib(res['anon_huge_pages_mib'])}",
         "",
         f"{'side':17} {'prefill':>8} {'/plain':>6}  {'ms/token':>8} {'min':>6}  {'stip/plain (IQR)':>22} "
         f"{'min/min':>6}  {'server':>7} {'client':>6} {'share':>6}  {'pre':>5} {'(py)':>5} {'post':>5} {'(py)':>5} "
@@ -330,6 +396,11 @@ def render(res: dict) -> str:
             f"{s['decode_ms_min']:6.2f}  {ratio(s['decode_over_plaintext'])}  {d['server_ort']:7.2f} "
             f"{d['client']:6.2f} {s['client_share']:6.1%}  {d['pre']:5.2f} {d['pre_py']:5.2f} {d['post']:5.2f} "
             f"{d['post_py']:5.2f} {d['sample']:6.3f} {d['other']:5.2f}")
+    lines += ["", f"{'prefill (ms)':17} {'total':>8} {'server':>8} {'pre':>6} {'post':>6} {'sample':>6} {'other':>6}"]
+    for n, s in res["sides"].items():
+        p = s["prefill_ms"]
+        lines.append(f"{n:17} {p['total']:8.2f} {p['server_ort']:8.2f} {p['pre']:6.2f} {p['post']:6.2f} "
+                     f"{p['sample']:6.3f} {p['other']:6.2f}")
     lines += [
         "",
         "ms, medians. prefill: prompt -> first token. ms/token: each later token timed alone (min: the fastest).",
@@ -356,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gpt2-small", choices=list(models.DECODERS),
                     help="gpt2-small (default; 124M parameters) or gpt2-mini (4 x 256, same vocab: smoke tests)")
-    ap.add_argument("--reps", type=int, default=10, help="timed generations of each side (default 10)")
+    ap.add_argument("--reps", type=int, default=20, help="timed generations of each side (default 20)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed short generations of each side (default 1)")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per repetition (default 32)")
     ap.add_argument("--prompt-len", type=int, default=32, help="random prompt length in tokens (default 32)")
@@ -365,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle-ms", type=float, default=None,
                     help="idle gap before each timed token so thread pools stop spinning (default: 0 with one "
                     "thread, 20 otherwise)")
+    ap.add_argument("--no-huge-pages", action="store_true",
+                    help=f"do not re-exec with GLIBC_TUNABLES={THP_TUNABLE} (weights on 4 KiB pages: session "
+                    "creation order then moves per-token time by several percent)")
     ap.add_argument("--no-control", action="store_true", help="skip the A/A control session (faster)")
     ap.add_argument("--quick", action="store_true", help="3 reps of 8 tokens after an 8-token prompt: a smoke test")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -373,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     if new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (the first token is the prefill)")
     settle_ms = a.settle_ms if a.settle_ms is not None else (0.0 if a.threads == 1 else 20.0)
+    _huge_pages(not a.no_huge_pages)
     res = bench(a.model, reps, a.warmup, new_tokens, prompt_len, a.threads, settle_ms, not a.no_control)
     print(json.dumps(res, indent=2) if a.json else render(res))
     return 0

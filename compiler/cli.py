@@ -142,6 +142,35 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    """Serve a bundle's server graph over HTTP on the KServe v2 / Open Inference Protocol (as Triton): health,
+    metadata, JSON and binary tensors, server-held KV-cache sequences (sequence_id/start/end), Prometheus /metrics.
+    Binds 127.0.0.1 by default; SERVER may be the bundle's server/ directory or the bundle itself, and NAME=DIR
+    (repeatable) serves several bundles from one process."""
+    from stip.runtime.serve import Limits, serve
+
+    limits = Limits(max_batch=a.max_batch, max_seq=a.max_seq, max_request_bytes=a.max_request_bytes,
+                    max_queue=a.max_queue, max_sequences=a.max_sequences, sequence_timeout=a.sequence_timeout,
+                    workers=a.workers)
+    return serve(a.server, host=a.host, port=a.port, device=a.device, model_name=a.model_name, limits=limits,
+                 threads=a.threads, io_binding=a.io_binding, log_level=a.log_level, access_log=a.access_log)
+
+
+def cmd_export_triton(a: argparse.Namespace) -> int:
+    """Write a Triton Inference Server model repository for a bundle's server graph: REPO/NAME/config.pbtxt
+    (platform onnxruntime_onnx, inputs/outputs without the KV cache, dynamic batching, or sequence batching with
+    implicit state for the KV cache, and the key id as parameter stip_key_id) and REPO/NAME/1/model.onnx. Serve
+    it with `tritonserver --model-repository REPO` (Triton's onnxruntime backend); clients of `stip serve`,
+    tritonclient included, work unchanged, and read the key id from GET /v2/models/NAME/config."""
+    from stip.compiler.triton import export_triton
+
+    dest = export_triton(a.bundle, a.output, name=a.model_name, max_batch_size=a.max_batch_size, force=a.force,
+                         sequence_timeout=a.sequence_timeout, max_sequences=a.max_sequences)
+    print(f"wrote {dest}/config.pbtxt and {dest}/1/")
+    print(f"serve it: tritonserver --model-repository {Path(a.output).resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stip", description="Compile ONNX Transformers into secure three-party "
                                 "STIP deployments (Secure Transformer Inference Protocol).")
@@ -217,6 +246,45 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the server graph runs (default: CUDA when a GPU is visible)")
     v.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sv = add("serve", cmd_serve)
+    sv.add_argument("server", nargs="+", metavar="SERVER",
+                    help="a bundle's server/ directory (or the bundle); NAME=DIR to serve several under names")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where the server graph runs (default: CUDA when a GPU is visible)")
+    sv.add_argument("--model-name", default="stip", help="the model's name in /v2/models/NAME (default stip)")
+    sv.add_argument("--workers", type=int, default=2, help="threads running ONNX Runtime (default 2)")
+    sv.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per run (0: its default)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting beyond the busy workers; more get 503 at once (default 64)")
+    sv.add_argument("--max-batch", type=int, default=64, help="largest batch (dim 0) of a request (default 64)")
+    sv.add_argument("--max-seq", type=int, default=2048,
+                    help="largest dim 1 of a request (sequence length), and of a sequence's cache (default 2048)")
+    sv.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                    help="largest request body; larger ones get 413 (default 64 MiB)")
+    sv.add_argument("--max-sequences", type=int, default=256,
+                    help="live generation sequences per model; new ones beyond get 429 (default 256)")
+    sv.add_argument("--sequence-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="free a sequence idle this long (default 300)")
+    sv.add_argument("--io-binding", choices=["auto", "on", "off"], default="auto",
+                    help="keep KV caches on the device with ORT IO binding (auto: on CUDA)")
+    sv.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    sv.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+    et = add("export-triton", cmd_export_triton)
+    et.add_argument("bundle", help="bundle directory written by `stip compile` (or its server/ directory)")
+    et.add_argument("-o", "--output", required=True, metavar="REPO", help="Triton model repository to write")
+    et.add_argument("--model-name", default="stip", help="model name in the repository (default stip)")
+    et.add_argument("--max-batch-size", type=int, default=None,
+                    help="Triton max_batch_size (default: 8 for encoders, 1 for KV-cache decoders, 0 when a "
+                    "tensor has no dynamic batch dim)")
+    et.add_argument("--sequence-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="KV-cache graphs: max_sequence_idle_microseconds, in seconds (default 300)")
+    et.add_argument("--max-sequences", type=int, default=64,
+                    help="KV-cache graphs: candidate sequences per model instance (default 64)")
+    et.add_argument("--force", action="store_true", help="write into a non-empty REPO, replacing REPO/NAME")
     return p
 
 

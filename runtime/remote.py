@@ -44,12 +44,20 @@ class RemoteServer:
             meta = self.client.get_model_metadata(model_name)
         except Exception as e:  # connection refused, 404, ...
             raise StipError(f"{self.where}: cannot get model metadata ({str(e).splitlines()[0][:160]})") from None
-        self.key_id = meta.get("parameters", {}).get(KEY_ID_PARAMETER)
+        self.key_id = meta.get("parameters", {}).get(KEY_ID_PARAMETER) or self._key_id_from_config()
         if not self.key_id:
             raise StipError(f"{self.where}: not a stip server graph (no {KEY_ID_PARAMETER} in model metadata)")
         self.input_names = [i["name"] for i in meta["inputs"]]
         self.output_names = [o["name"] for o in meta["outputs"]]
         self._types = {i["name"]: i["datatype"] for i in meta["inputs"]}
+
+    def _key_id_from_config(self) -> str | None:
+        """Triton's model metadata has no parameters; its model config does (written by stip export-triton)."""
+        try:
+            config = self.client.get_model_config(self.model_name)
+        except Exception:  # noqa: BLE001 - no config endpoint: no key id
+            return None
+        return config.get("parameters", {}).get(KEY_ID_PARAMETER, {}).get("string_value")
 
     def run(self, feeds: dict[str, np.ndarray], sequence: dict | None = None) -> dict[str, np.ndarray]:
         inputs = []

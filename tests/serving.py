@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,14 +26,16 @@ def stip_server(server_dir: Path, *extra: str, model_name: str = "stip", timeout
     port = free_port()
     cmd = [sys.executable, "-m", "stip.compiler.cli", "serve", str(server_dir), "--port", str(port),
            "--model-name", model_name, "--device", "cpu", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server can never block on it
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"stip serve exited early: {proc.stdout.read()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"stip serve exited early: {log.read()[-2000:]}")
             try:
                 if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                     break
@@ -48,3 +51,4 @@ def stip_server(server_dir: Path, *extra: str, model_name: str = "stip", timeout
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
