@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import models  # noqa: E402
-from serving import stip_server  # noqa: E402
+
+from stip.runtime.launch import stip_server  # noqa: E402
 
 
 def _median_ms(xs: list[float]) -> float:

@@ -8,7 +8,7 @@ Steps (everything offline, on CPU):
   5. mean-pool + L2-normalise into sentence embeddings and compare cosine similarities with the
      plaintext model in onnxruntime. Exits 1 if anything differs by more than --tol (default 1e-4).
 
-Run from the repository root:  python examples/quickstart_minilm.py [--workdir ./stip-quickstart] [--dynamo]
+Run from the repository root:  python examples/quickstart_minilm.py [--workdir ./stip-quickstart] [--dynamo] [--serve]
 """
 
 from __future__ import annotations
@@ -91,6 +91,9 @@ def main() -> int:
     ap.add_argument("--dynamo", action="store_true", help="export with torch.onnx.export(dynamo=True)")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--tol", type=float, default=1e-4, help="max allowed abs difference (default 1e-4)")
+    ap.add_argument("--serve", action="store_true",
+                    help="run the server graph in a separate `stip serve` process and talk to it over HTTP "
+                    "(KServe v2), as a real deployment does")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never touch the network
 
@@ -130,13 +133,24 @@ def main() -> int:
     plain = make_session(model_path, "cpu")
     ref = plain.run(["last_hidden_state"], feeds)[0]
 
-    print("[4/4] STIP: user pre graph -> server graph -> user post graph (all on CPU here)")
-    dep = LocalDeployment(bundle, device="cpu")
-    to_server, pre_out = dep.client.prepare(feeds)        # user: embedding with the secret permutation folded in
-    server_out = dep.server.run(to_server)                # cloud: permuted weights, never sees token ids
-    got = dep.client.finish(server_out, pre_out)["last_hidden_state"]  # user: un-permute the output
+    with contextlib.ExitStack() as stack:
+        if a.serve:
+
+            from stip.runtime.launch import stip_server
+            from stip.runtime.remote import RemoteClient
+
+            url = stack.enter_context(stip_server(bundle / "server"))
+            print(f"[4/4] STIP over HTTP: user pre graph -> $ stip serve {bundle / 'server'} at {url} -> user post")
+            dep = RemoteClient(bundle / "client", url)  # checks the server's key id against the client's
+        else:
+            print("[4/4] STIP: user pre graph -> server graph -> user post graph (all on CPU here)")
+            dep = LocalDeployment(bundle, device="cpu")
+        to_server, pre_out = dep.client.prepare(feeds)    # user: embedding with the secret permutation folded in
+        server_out = dep.server.run(to_server)            # cloud: permuted weights, never sees token ids
+        got = dep.client.finish(server_out, pre_out)["last_hidden_state"]  # user: un-permute the output
     print("      the server received: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in to_server.items()))
-    print(f"      server providers: {dep.server.providers}")
+    if not a.serve:
+        print(f"      server providers: {dep.server.providers}")
 
     e_ref, e_got = embed(ref, feeds["attention_mask"]), embed(got, feeds["attention_mask"])
     cos_ref, cos_got = e_ref @ e_ref.T, e_got @ e_got.T

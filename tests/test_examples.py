@@ -20,6 +20,15 @@ def test_quickstart_minilm(tmp_path):
     assert (bundle / "server" / "model.onnx").exists() and (bundle / "client" / "pre.onnx").exists()
 
 
+def test_quickstart_minilm_over_http(tmp_path):
+    """The same example with the server graph in its own `stip serve` process, over KServe v2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "examples/quickstart_minilm.py", "--workdir", str(tmp_path / "qs"),
+                        "--serve"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "over HTTP" in r.stdout and "PASS" in r.stdout and "0.755" in r.stdout
+
+
 def test_export_script_cli(tmp_path):
     out = tmp_path / "vit.onnx"
     r = subprocess.run([sys.executable, "examples/export_models.py", "vit", "-o", str(out)], cwd=ROOT,

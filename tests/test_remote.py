@@ -12,12 +12,12 @@ import time
 import httpx
 import numpy as np
 import pytest
-from serving import stip_server
 
 from stip.compiler.pipeline import compile_model
 from stip.passes.errors import StipError
 from stip.runtime.bundle import LocalDeployment
 from stip.runtime.generate import StipGenerator, generate_plaintext
+from stip.runtime.launch import stip_server
 from stip.runtime.remote import RemoteClient, RemoteServer
 from stip.runtime.verify import random_feeds
 

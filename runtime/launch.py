@@ -1,4 +1,8 @@
-"""Start `stip serve` as a real subprocess on a free loopback port, for tests that talk to it over HTTP."""
+"""Start `stip serve` as a child process on a free loopback port and wait until it is ready.
+
+Why in the product: examples, tests and benchmarks all need a real server process (no mocks), started and
+stopped the same way; a user scripting a local three-party demo needs the same thing.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-
-import httpx
 
 
 def free_port() -> int:
@@ -37,9 +40,10 @@ def stip_server(server_dir: Path, *extra: str, model_name: str = "stip", timeout
                 log.seek(0)
                 raise RuntimeError(f"stip serve exited early: {log.read()[-2000:]}")
             try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
+                with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:  # refused while starting, or 503 (HTTPError is an OSError)
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("stip serve did not become ready")
