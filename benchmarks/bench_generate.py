@@ -132,8 +132,7 @@ def plaintext_side(name: str, src: Path, threads: int) -> Side:
 def _session_threads(threads: int) -> Iterator[None]:
     """Client, Server and StipGenerator take no session options; while this is active, the make_session they call
     builds every session at `threads`, so each model is loaded once, with the same options as the plaintext one.
-    (Loading at the default and swapping `server.session` after would also work, but leaves freed holes of
-    hundreds of MB between sessions, and where the weights land moves decode time by percents: see _huge_pages.)"""
+    (Loading at the default and swapping `server.session` afterwards also works, but loads every model twice.)"""
     from stip.runtime import bundle
     from stip.runtime.sessions import make_session
 
