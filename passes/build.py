@@ -72,8 +72,10 @@ class _ConstantFolder:
     """
 
     def __init__(self, g: Graph, sol: Solution, perms: Permutations, graph: onnx.GraphProto,
-                 progress: Callable[[], None] | None, remaining: dict[str, int] | None):
+                 progress: Callable[[], None] | None, remaining: dict[str, int] | None,
+                 identity: frozenset[int] = frozenset()):
         self.g, self.sol, self.perms, self.graph = g, sol, perms, graph
+        self.identity = identity  # spaces left unpermuted in this graph (the vocabulary inside a client-side head)
         self.made: dict[tuple, str] = {}
         self.progress = progress
         self.remaining = remaining
@@ -81,7 +83,8 @@ class _ConstantFolder:
     def name_for(self, name: str, idx: int, j: int) -> str:
         dims = self.g.shapes[name]
         classes = self.sol.classes(use_key(name, idx, j), len(dims))
-        sig = (name, tuple(None if (c is None or dims[a] == 1) else c for a, c in enumerate(classes)))
+        sig = (name, tuple(None if (c is None or dims[a] == 1 or c in self.identity) else c
+                           for a, c in enumerate(classes)))
         if sig not in self.made:
             value = self.g.constants[name]
             permuted = any(c is not None for c in sig[1])
@@ -97,9 +100,10 @@ class _ConstantFolder:
         return self.made[sig]
 
 
-def _subgraph(g, sol, perms, node_ids, inputs, outputs, name, progress=None, remaining=None) -> onnx.ModelProto:
+def _subgraph(g, sol, perms, node_ids, inputs, outputs, name, progress=None, remaining=None,
+              identity: frozenset[int] = frozenset()) -> onnx.ModelProto:
     m = new_model(g, name)
-    folder = _ConstantFolder(g, sol, perms, m.graph, progress, remaining)
+    folder = _ConstantFolder(g, sol, perms, m.graph, progress, remaining, identity)
     for idx in node_ids:
         src = g.model.graph.node[idx]
         n = m.graph.node.add()
@@ -118,14 +122,18 @@ def _rename_outputs(nodes: list[onnx.NodeProto], renames: dict[str, str]) -> Non
         n.input[:] = [renames.get(x, x) for x in n.input]
 
 
-def _unpermute_nodes(g: Graph, sol: Solution, perms: Permutations, src: str, dst: str):
+LARGE_AXIS = 4096
+
+
+def _unpermute_nodes(g: Graph, sol: Solution, perms: Permutations, src: str, dst: str, skip: set[int] = frozenset()):
     """Nodes that undo the permutation of each permuted axis of one output tensor.
 
-    Gather on an inner axis is slow in ORT's CPU kernel (356 us vs 32 us for MiniLM's [1,128,384]), so an inner
-    axis is moved to the front, gathered on axis 0, and moved back.
+    ORT's CPU Gather is slow on an inner axis, so the choice is per axis, from measurements: a small inner axis
+    (hidden, 384) is moved to the front, gathered on axis 0 and moved back (32 us vs 356 us at [1,128,384]); a
+    vocabulary-sized last axis uses GatherElements with the index broadcast (60 us vs 420 us at [1,1,50257]).
     """
     rank = len(g.shapes.get(dst, []))
-    classes = sol.classes(dst, rank)
+    classes = [None if c in skip else c for c in sol.classes(dst, rank)]
     nodes, inits = [], []
     cur = src
     steps = [(a, c) for a, c in enumerate(classes) if c is not None]
@@ -138,6 +146,14 @@ def _unpermute_nodes(g: Graph, sol: Solution, perms: Permutations, src: str, dst
         out = dst if k == len(steps) - 1 else f"{dst}.unpermuted{a}"
         if a == 0:
             nodes.append(helper.make_node("Gather", [cur, idx_name], [out], axis=0, name=f"unpermute_{dst}_{a}"))
+        elif a == rank - 1 and sol.sizes.get(c, 0) >= LARGE_AXIS:
+            shape, expanded = f"{dst}.shape{a}", f"{dst}.index{a}"
+            nodes += [
+                helper.make_node("Shape", [cur], [shape], name=f"unpermute_{dst}_{a}_shape"),
+                helper.make_node("Expand", [idx_name], [expanded], name=f"unpermute_{dst}_{a}_index"),
+                helper.make_node("GatherElements", [cur, expanded], [out], axis=a, name=f"unpermute_{dst}_{a}"),
+            ]
+            nodes[-2].input.append(shape)
         else:
             front = [a] + [i for i in range(rank) if i != a]
             back = [front.index(i) for i in range(rank)]
@@ -223,13 +239,20 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     # post: the LM head when it runs on the client, then undo the output permutations
     post_renames = {**renames, **{o: server_output_name(o) for o in part.user_outputs
                                   if g.producer.get(o) in post_set}}
-    post = _subgraph(g, sol, perms, part.post_nodes, [], [], "stip_post", progress, remaining)
+    # With the head on the client, the vocabulary never leaves the user: spaces that only the head's nodes see
+    # stay unpermuted there, so post needs no un-permute for them.
+    head_spaces = {c for o in part.user_outputs if g.producer.get(o) in post_set
+                   for c in sol.classes(o, len(g.shapes.get(o, []))) if c is not None}
+    boundary = {c for t in part.to_post for c in sol.classes(t, len(g.shapes.get(t, []))) if c is not None}
+    identity = frozenset(head_spaces - boundary)
+    post = _subgraph(g, sol, perms, part.post_nodes, [], [], "stip_post", progress, remaining, identity)
     _rename_outputs(list(post.graph.node), post_renames)
     post.graph.input.extend([_value_info(g, o, renames[o]) for o in returned] +
                             [_value_info(g, o) for o in part.pre_outputs])
     for o in part.user_outputs:
         src = post_renames.get(o, o)
-        ns, inits = _unpermute_nodes(g, sol, perms, src, o)
+        ns, inits = _unpermute_nodes(g, sol, perms, src, o, skip=identity if g.producer.get(o) in post_set
+                                     else frozenset())
         post.graph.node.extend(ns)
         post.graph.initializer.extend(inits)
         post.graph.output.append(_value_info(g, o))

@@ -31,7 +31,7 @@ def model_key_id(path: Path) -> str:
 class Client:
     """The user's half: runs pre (permuted embedding) and post (un-permute outputs) locally."""
 
-    def __init__(self, client_dir: str | Path, device: str = "cpu"):
+    def __init__(self, client_dir: str | Path, device: str = "cpu", threads: int = 0):
         d = Path(client_dir)
         man = d / CLIENT_MANIFEST
         if not man.exists():
@@ -42,8 +42,8 @@ class Client:
             got = model_key_id(d / name)
             if got != self.key_id:
                 raise StipError(f"{d / name}: key id {got} does not match the client bundle's {self.key_id}")
-        self.pre = make_session(d / "pre.onnx", device)
-        self.post = make_session(d / "post.onnx", device)
+        self.pre = make_session(d / "pre.onnx", device, threads)
+        self.post = make_session(d / "post.onnx", device, threads)
         self.input_names = self.manifest["inputs"]
         self.output_names = self.manifest["outputs"]
 
@@ -83,13 +83,13 @@ class Client:
 class Server:
     """The cloud's half: the permuted server graph and nothing else."""
 
-    def __init__(self, server_dir: str | Path, device: str = "auto"):
+    def __init__(self, server_dir: str | Path, device: str = "auto", threads: int = 0):
         d = Path(server_dir)
         path = d / "model.onnx"
         if not path.exists():
             raise StipError(f"{d}: not a stip server bundle (missing model.onnx)")
         self.key_id = model_key_id(path)
-        self.session = make_session(path, device)
+        self.session = make_session(path, device, threads)
         self.path = self.where = path
         probe = CachedSession(self.session)
         self.input_names, self.output_names = probe.inputs, [o for o in probe.outputs
@@ -113,10 +113,10 @@ class Server:
 class LocalDeployment:
     """All three parts in one process: for verify, examples and benchmarks."""
 
-    def __init__(self, bundle_dir: str | Path, device: str = "auto"):
+    def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: int = 0):
         d = Path(bundle_dir)
-        self.client = Client(d / "client", device="cpu")
-        self.server = Server(d / "server", device)
+        self.client = Client(d / "client", device="cpu", threads=threads)
+        self.server = Server(d / "server", device, threads)
         self.client.check_server(self.server.key_id, str(d / "server" / "model.onnx"))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

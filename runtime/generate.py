@@ -78,13 +78,13 @@ def decode(step: Step, input_names: list[str], prompt: list[int], max_new_tokens
 class StipGenerator:
     """The user's side of private generation against a server (in-process here; over HTTP in serving)."""
 
-    def __init__(self, bundle_dir: str | Path, device: str = "auto", server=None):
+    def __init__(self, bundle_dir: str | Path, device: str = "auto", server=None, threads: int = 0):
         """`bundle_dir`: a bundle root or its client/ dir. `server`: a local Server (default: bundle/server) or
         a stip.runtime.remote.RemoteServer; anything with `key_id` and `sequence()`."""
         d = Path(bundle_dir)
         client_dir = d if (d / "pre.onnx").exists() else d / "client"
-        self.client = Client(client_dir, device="cpu")
-        self.server = server or Server(client_dir.parent / "server", device)
+        self.client = Client(client_dir, device="cpu", threads=threads)
+        self.server = server or Server(client_dir.parent / "server", device, threads)
         self.client.check_server(self.server.key_id, str(getattr(self.server, "where", "server")))
         man = self.client.manifest
         self.cached = bool(man.get("cache"))
@@ -124,7 +124,9 @@ class StipGenerator:
 
         def step(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             to_server, kept = self.client.prepare(feeds, fed[0] if self.cached else 0)
-            out = self.client.finish(seq.run(to_server), kept)
+            # only the last position's logits are sampled: post (position-wise) un-permutes just that one
+            returned = {k: v[:, -1:] if v.ndim == 3 else v for k, v in seq.run(to_server).items()}
+            out = self.client.finish(returned, kept)
             fed[0] += int(feeds["input_ids"].shape[1])
             return out
 
