@@ -20,8 +20,6 @@ Goal: stip(head=server) / plaintext <= 1.05 per decoded token (paired median); g
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import gc
 import itertools
 import json
@@ -128,32 +126,16 @@ def plaintext_side(name: str, src: Path, threads: int) -> Side:
     return Side(name, start, probe)
 
 
-@contextlib.contextmanager
-def _session_threads(threads: int) -> Iterator[None]:
-    """Client, Server and StipGenerator take no session options; while this is active, the make_session they call
-    builds every session at `threads`, so each model is loaded once, with the same options as the plaintext one.
-    (Loading at the default and swapping `server.session` afterwards also works, but loads every model twice.)"""
-    from stip.runtime import bundle
-    from stip.runtime.sessions import make_session
-
-    bundle.make_session = functools.partial(make_session, threads=threads)
-    try:
-        yield
-    finally:
-        bundle.make_session = make_session
-
-
 def stip_side(name: str, bundle: Path, threads: int) -> Side:
     """StipGenerator.generate, unchanged, over sessions built at `threads`, timed through proxies."""
     from stip.runtime.bundle import Server
     from stip.runtime.generate import Sampler, StipGenerator
 
     probe = Probe()
-    with _session_threads(threads):
-        server = Server(bundle / "server", "cpu")
-        gen = StipGenerator(bundle, device="cpu", server=server)
+    server = Server(bundle / "server", "cpu", threads)
+    gen = StipGenerator(bundle, device="cpu", server=server, threads=threads)
     c = gen.client
-    for s in (server.session, c.pre, c.post):  # the patch took effect (a session reports 0 when left default)
+    for s in (server.session, c.pre, c.post):  # every session really runs at `threads`
         got = s.get_session_options().intra_op_num_threads
         if got != threads:
             raise SystemExit(f"{name}: session built with {got} threads, not {threads}")
