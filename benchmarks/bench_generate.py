@@ -42,19 +42,7 @@ HEADS = ("server", "client")
 clock = time.perf_counter
 
 
-def _quantile(xs: list[float], q: float) -> float:
-    return float(np.quantile(np.asarray(xs), q))
 
-
-def _ratios(num: list[float], den: list[float]) -> dict:
-    """Ratio of medians, median of paired (per-repetition) ratios with its IQR, and fastest vs fastest."""
-    paired = [a / b for a, b in zip(num, den)]
-    return {
-        "of_medians": statistics.median(num) / statistics.median(den),
-        "paired": statistics.median(paired),
-        "paired_iqr": [_quantile(paired, 0.25), _quantile(paired, 0.75)],
-        "min_min": min(num) / min(den),
-    }
 
 
 def _dir_bytes(d: Path) -> int:
@@ -319,8 +307,8 @@ def summarise(model, src, rec, tokens, names, sizes, compile_s, max_abs, reps, n
             "prefill_ms": {k: statistics.median(part(rep[0], k) for rep in rec[n]) * ms for k in keys},
             # client share from the per-token sums (a ratio of medians of parts would not add up)
             "client_share": sum(part(t, "client") for t in steps) / sum(t["total"] for t in steps),
-            "decode_over_plaintext": _ratios(per_rep, base_rep),
-            "prefill_over_plaintext": _ratios(prefill, base_prefill),
+            "decode_over_plaintext": models.ratios(per_rep, base_rep),
+            "prefill_over_plaintext": models.ratios(prefill, base_prefill),
             "tokens_match": tokens[n] == tokens[names[0]],
             "first_mismatch": _first_mismatch(tokens[n], tokens[names[0]]),
         }

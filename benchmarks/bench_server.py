@@ -33,19 +33,7 @@ SERVER_GOAL = 1.02
 CLIENT_GOAL = 0.02
 
 
-def _quantile(xs: list[float], q: float) -> float:
-    return float(np.quantile(np.asarray(xs), q))
 
-
-def _ratios(num: list[float], den: list[float]) -> dict:
-    """Ratio of medians, median of paired ratios with its IQR, and fastest vs fastest (load only adds time)."""
-    paired = [a / b for a, b in zip(num, den)]
-    return {
-        "of_medians": statistics.median(num) / statistics.median(den),
-        "paired": statistics.median(paired),
-        "paired_iqr": [_quantile(paired, 0.25), _quantile(paired, 0.75)],
-        "min_min": min(num) / min(den),
-    }
 
 
 def bench_model(name: str, reps: int, warmup: int, threads: int, seq: int, batch: int, settle_ms: float,
@@ -119,8 +107,8 @@ def bench_model(name: str, reps: int, warmup: int, threads: int, seq: int, batch
 
     orig, srv = times["original"], times["server"]
     client_ms = [a + b for a, b in zip(times["pre"], times["post"])]
-    server_ratio = _ratios(srv, orig)
-    client_ratio = _ratios(client_ms, srv)
+    server_ratio = models.ratios(srv, orig)
+    client_ratio = models.ratios(client_ms, srv)
     return {
         "model": name,
         "file_mib": src.stat().st_size / 2**20,
@@ -133,7 +121,7 @@ def bench_model(name: str, reps: int, warmup: int, threads: int, seq: int, batch
         "median_ms": {k: statistics.median(v) for k, v in times.items()},
         "client_ms": statistics.median(client_ms),
         "server_over_original": server_ratio,
-        "control_over_original": _ratios(times["control"], orig) if control else None,
+        "control_over_original": models.ratios(times["control"], orig) if control else None,
         "client_over_server": client_ratio,
         "server_goal_met": server_ratio["paired"] <= SERVER_GOAL,
         # Load inflates the long server run more than the short client runs, flattering the median ratio;

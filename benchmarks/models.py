@@ -6,6 +6,7 @@ must time the very same ONNX file. The cache key is the file name; delete .cache
 
 from __future__ import annotations
 
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,17 +67,32 @@ def _export_minilm(path: Path) -> None:
 EXPORTERS: dict[str, Callable[[Path], None]] = {"bert-base": _export_bert_base, "minilm": _export_minilm}
 
 
-def model_path(name: str) -> Path:
+def _cached(name: str, table: dict[str, Callable[[Path], None]], filename: str, kind: str) -> Path:
     """The cached .onnx for `name`, exported on first use (torch is imported only then)."""
-    if name not in EXPORTERS:
-        raise SystemExit(f"unknown model '{name}'; choose from {', '.join(EXPORTERS)}")
-    path = _ensure_cache() / f"{name}.onnx"
+    if name not in table:
+        raise SystemExit(f"unknown {kind} '{name}'; choose from {', '.join(table)}")
+    path = _ensure_cache() / filename
     if not path.exists():
         tmp = path.with_suffix(".onnx.tmp")
         print(f"exporting {name} -> {path} (once; cached)", file=sys.stderr, flush=True)
-        EXPORTERS[name](tmp)
+        table[name](tmp)
         tmp.rename(path)
     return path
+
+
+def model_path(name: str) -> Path:
+    return _cached(name, EXPORTERS, f"{name}.onnx", "model")
+
+
+def ratios(num: list[float], den: list[float]) -> dict:
+    """Ratio of medians, median of paired (per-repetition) ratios with its IQR, and fastest vs fastest."""
+    paired = [a / b for a, b in zip(num, den)]
+    return {
+        "of_medians": statistics.median(num) / statistics.median(den),
+        "paired": statistics.median(paired),
+        "paired_iqr": [float(np.quantile(paired, 0.25)), float(np.quantile(paired, 0.75))],
+        "min_min": min(num) / min(den),
+    }
 
 
 def feeds(batch: int = 1, seq: int = SEQ, seed: int = 0) -> dict[str, np.ndarray]:
@@ -118,16 +134,8 @@ DECODERS: dict[str, Callable[[Path], None]] = {"gpt2-small": _export_gpt2_small,
 
 
 def decoder_path(name: str) -> Path:
-    """The cached KV-cache decoder .onnx for `name`, exported on first use (torch is imported only then)."""
-    if name not in DECODERS:
-        raise SystemExit(f"unknown decoder '{name}'; choose from {', '.join(DECODERS)}")
-    path = _ensure_cache() / f"{name}-kv.onnx"
-    if not path.exists():
-        tmp = path.with_suffix(".onnx.tmp")
-        print(f"exporting {name} -> {path} (once; cached)", file=sys.stderr, flush=True)
-        DECODERS[name](tmp)
-        tmp.rename(path)
-    return path
+    """The cached KV-cache decoder .onnx for `name`."""
+    return _cached(name, DECODERS, f"{name}-kv.onnx", "decoder")
 
 
 def prompt_ids(length: int, seed: int = 0, vocab: int = GPT2_VOCAB) -> list[int]:
