@@ -75,3 +75,17 @@ def test_external_data_server_bundle(zoo, tmp_path):
     assert (server / "model.onnx.data").stat().st_size > (server / "model.onnx").stat().st_size
     feeds = random_feeds(model, batch=2, seq=9)
     assert_equivalent(run_model(model, feeds), LocalDeployment(tmp_path / "out", device="cpu").run(feeds))
+
+
+def test_model_with_external_data_compiles(zoo, tmp_path):
+    """Exports over 2 GiB keep their weights in a .data file next to the .onnx; it is read tensor by tensor."""
+    import onnx
+
+    src = tmp_path / "ext" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(onnx.load(str(zoo.get("bert", dynamo=True))), str(src), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=1024)
+    assert (src.parent / "model.onnx.data").stat().st_size > src.stat().st_size
+    compile_model(src, tmp_path / "out")
+    feeds = random_feeds(src, batch=2, seq=6)
+    assert_equivalent(run_model(src, feeds), LocalDeployment(tmp_path / "out", device="cpu").run(feeds))
