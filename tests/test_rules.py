@@ -160,3 +160,65 @@ def test_shared_constant_is_duplicated_per_permutation(tmp_path):
     _, _, _, _, bundle = compile_in_memory(tmp_path / "m.onnx")
     copies = [t.name for t in bundle.server.graph.initializer if t.name.startswith("b.")]
     assert len(copies) == 2
+
+
+def test_split_of_fused_projection_and_gemm_transb(tmp_path):
+    """GPT-2 style: one Gemm(transB=1) makes [q | k | v]; Split hands each output one block of its space."""
+    nodes = [helper.make_node("Reshape", ["h", "flat"], ["h2"]),
+             helper.make_node("Gemm", ["h2", "wqkv", "bqkv"], ["qkv"], transB=1),
+             helper.make_node("Split", ["qkv", "sizes"], ["q", "k", "v"], axis=1),
+             helper.make_node("Mul", ["q", "k"], ["qk"]), helper.make_node("Add", ["qk", "v"], ["s"]),
+             helper.make_node("Gemm", ["s", "wo"], ["y"])]
+    inits = [ints("flat", [-1, 8]), weight("wqkv", 18, 8), weight("bqkv", 18), ints("sizes", [6, 6, 6]),
+             weight("wo", 6, 5)]
+    from graphs import model
+    from onnx import TensorProto
+
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])
+    m = model([helper.make_node("Gather", ["table", "ids"], ["h"])] + nodes, [ids], [y],
+              [weight("table", 16, 8), *inits])
+    g, sol, _ = check(tmp_path, m, {"ids": np.array([1, 5, 7, 2])})
+    whole = space_of(sol, g, "qkv", 1)
+    assert sol.spaces.kind_of(whole) == "cat" and len(sol.link(whole)) == 3
+    assert space_of(sol, g, "q", 1) == space_of(sol, g, "k", 1) == space_of(sol, g, "v", 1)  # unified by Mul/Add
+
+
+def test_expand_and_reduce_keep_the_unreduced_spaces(tmp_path):
+    nodes = [helper.make_node("ReduceSum", ["h", "ax"], ["r"], keepdims=0),  # over the sequence axis
+             helper.make_node("Unsqueeze", ["r", "ax"], ["r3"]), helper.make_node("Expand", ["r3", "shp"], ["e"]),
+             helper.make_node("Add", ["e", "h"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["y"])]
+    g, sol, _ = check(tmp_path, embed_then(nodes, ["B", "S", 4], [ints("ax", [1]), ints("shp", [1, 5, 8]),
+                                                                   weight("w", 8, 4)]),
+                      {"ids": np.random.default_rng(4).integers(0, 16, (1, 5))})
+    assert space_of(sol, g, "r", 1) == space_of(sol, g, "h", 2) is not None
+
+
+def test_shape_values_evaluate_static_slice_bounds(tmp_path):
+    from stip.passes.values import shape_values
+
+    nodes = [helper.make_node("Shape", ["h"], ["shape"]), helper.make_node("Gather", ["shape", "last"], ["d"]),
+             helper.make_node("Div", ["d", "two"], ["half"]), helper.make_node("Unsqueeze", ["half", "zero1"], ["end"]),
+             helper.make_node("Slice", ["h", "zero1", "end", "ax2"], ["x1"]),
+             helper.make_node("MatMul", ["x1", "w"], ["y"])]
+    inits = [ints("last", 2), ints("two", 2), ints("zero1", [0]), ints("ax2", [2]), weight("w", 4, 3)]
+    path = save(embed_then(nodes, ["B", "S", 3], inits), tmp_path / "m.onnx")
+    g = load_graph(path)
+    vals = shape_values(g)
+    assert vals["half"].tolist() == 4 and vals["end"].tolist() == [4]
+    assert "shape" not in vals  # batch and sequence are dynamic: the whole shape is not known
+    check(tmp_path, embed_then(nodes, ["B", "S", 3], inits))
+
+
+def test_cache_pairs_and_errors():
+    from stip.passes.errors import StipError
+    from stip.passes.state import pair_cache
+
+    ins = ["input_ids", "past_key_values.0.key", "past_key_values.0.value"]
+    outs = ["logits", "present.0.key", "present.0.value"]
+    assert pair_cache(ins, outs) == [("past_key_values.0.key", "present.0.key"),
+                                     ("past_key_values.0.value", "present.0.value")]
+    with pytest.raises(StipError, match="no matching output 'present.0.value'"):
+        pair_cache(ins, outs[:2])
+    with pytest.raises(StipError, match="no matching input"):
+        pair_cache(ins[:2], outs)

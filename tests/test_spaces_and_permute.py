@@ -76,3 +76,17 @@ def test_inverse():
     p = np.random.default_rng(1).permutation(50)
     x = np.arange(50) * 3.0
     np.testing.assert_array_equal(x[p][inverse(p)], x)
+
+
+def test_concatenations_with_different_boundaries_refine():
+    """Phi-3 slices [0:32) and [32:64) in one place, [32:48) and [48:64) in another: they meet on the common
+    refinement, and the composed permutation keeps every block inside its range."""
+    s = Spaces()
+    whole = s.id(("w", 0), 64)
+    a, b = s.fresh(32), s.fresh(32)
+    s.link(whole, [a, b], "cat")
+    c, d, e = s.fresh(32), s.fresh(16), s.fresh(16)
+    s.link(whole, [c, d, e], "cat")
+    assert s.find(a) == s.find(c)
+    sub = s.link_of(b)
+    assert sub is not None and s.kind_of(b) == "cat" and {s.find(x) for x in sub} == {s.find(d), s.find(e)}
