@@ -103,8 +103,9 @@ def plaintext_crossings(g: Graph, sol: Solution, part: Partition) -> list[dict]:
         rows.append({"tensor": t, "from": "client.pre", "dtype": DTYPE.get(g.dtypes.get(t, 0), "?"),
                      "shape": _fmt_shape(g, t), "kind": kind, "reveals": reveals})
     cache = {i for i, _ in part.cache}
+    server_reads = {x for i in part.server_nodes for x in nodes[i].input}
     for n in part.public:
-        if n in cache or n not in {x for i in part.server_nodes for x in nodes[i].input}:
+        if n in cache or n not in server_reads:
             continue
         low = n.lower()
         if "mask" in low:

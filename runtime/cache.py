@@ -11,8 +11,14 @@ import numpy as np
 
 from stip.passes.state import pair_cache
 
-NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-            "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+            "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def empty_past(info, batch: int) -> np.ndarray:
+    """An empty cache for one `past_key_values.*` input: batch on axis 0, zero past positions."""
+    shape = [d if isinstance(d, int) else (batch if a == 0 else 0) for a, d in enumerate(info.shape)]
+    return np.zeros(shape, dtype=NP_TYPES.get(info.type, np.float32))
 
 
 class CachedSession:
@@ -25,9 +31,7 @@ class CachedSession:
         self.pairs = pair_cache(list(ins), outs, "server graph")
         self.past: dict[str, np.ndarray] = {}
         for past, _ in self.pairs:
-            info = ins[past]
-            shape = [d if isinstance(d, int) else (batch if a == 0 else 0) for a, d in enumerate(info.shape)]
-            self.past[past] = np.zeros(shape, dtype=NP_TYPES.get(info.type, np.float32))
+            self.past[past] = empty_past(ins[past], batch)
         self.inputs = [n for n in ins if n not in self.past]
         self.outputs = outs
         self.cache_outputs = {o for _, o in self.pairs}

@@ -50,7 +50,7 @@ from fastapi import Request
 from stip.passes.errors import StipError
 from stip.passes.state import pair_cache
 from stip.runtime.bundle import model_key_id
-from stip.runtime.cache import CachedSession
+from stip.runtime.cache import CachedSession, empty_past
 from stip.runtime.sessions import make_session
 
 log = logging.getLogger("stip.serve")
@@ -145,10 +145,7 @@ class BoundCache:
         self.cache_outputs = {o: p for p, o in pairs}
         self.past = {}
         for past, _ in pairs:
-            info = ins[past]
-            shape = [d if isinstance(d, int) else (batch if a == 0 else 0) for a, d in enumerate(info.shape)]
-            zeros = np.zeros(shape, dtype=DATATYPES.get(info.type, (None, np.dtype(np.float32)))[1])
-            self.past[past] = ort.OrtValue.ortvalue_from_numpy(zeros, device, 0)
+            self.past[past] = ort.OrtValue.ortvalue_from_numpy(empty_past(ins[past], batch), device, 0)
         self.inputs = [n for n in ins if n not in self.past]
 
     @property
