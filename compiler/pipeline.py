@@ -46,14 +46,14 @@ def analyse(model_path: str | Path, private: list[str] | None = None, public: li
         extra = f" (and {len(sol.blockers) - 1} more; see `stip inspect`)" if len(sol.blockers) > 1 else ""
         raise StipError(f"{g.path}: cannot place {sol.blockers[0]}{extra}")
     priv = detect_private(g, sol, private, public)
+    if strict and not priv:
+        raise StipError(f"{g.path}: no private input found (no input reaches an embedding, patch or linear weight)")
     part = None
     try:
         part = partition(g, sol, priv, head)
     except StipError:
         if strict:
             raise
-    if strict and not priv:
-        raise StipError(f"{g.path}: no private input found (no input reaches an embedding, patch or linear weight)")
     return Analysis(g, sol, part)
 
 
