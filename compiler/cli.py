@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from stip.passes.errors import StipError
+from stip.runtime.errors import StipError
 
 
 def _progress(quiet: bool):
@@ -300,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return 0
-    except KeyboardInterrupt:
-        print("stip: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during a compile (stip.compiler.output.Terminated)
+        code = getattr(e, "exit_code", 130)
+        print("stip: terminated" if code != 130 else "stip: interrupted", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -7,18 +7,19 @@ from pathlib import Path
 
 from stip.compiler.report import model_summary
 from stip.passes.errors import StipError
-from stip.runtime.bundle import CLIENT_MANIFEST, model_key_id
+from stip.runtime.bundle_format import CLIENT_DIR, DEVELOPER_DIR, SERVER_DIR, Layout, Manifest, model_key_id
 
+_L = Layout(Path())
 HOLDS = {
-    "server/model.onnx": "server graph: permuted weights, no key",
-    "server/model.onnx.data": "server weights (external data)",
-    "client/pre.onnx": "embedding / patch projection with the input permutation folded in",
-    "client/post.onnx": "un-permutes the outputs",
-    f"client/{CLIENT_MANIFEST}": "key id, input/output names, what is sent to the server",
-    "developer/key.npz": "THE KEY: every permutation (mode 0600, never shipped)",
-    "developer/report.json": "compile report",
+    _L.server_model.as_posix(): "server graph: permuted weights, no key",
+    _L.server_model.as_posix() + ".data": "server weights (external data)",
+    _L.pre.as_posix(): "embedding / patch projection with the input permutation folded in",
+    _L.post.as_posix(): "un-permutes the outputs",
+    _L.manifest.as_posix(): "key id, input/output names, what is sent to the server",
+    _L.key.as_posix(): "THE KEY: every permutation (mode 0600, never shipped)",
+    _L.report.as_posix(): "compile report",
 }
-PARTY = {"server": "model server (cloud)", "client": "user", "developer": "model developer"}
+PARTY = {SERVER_DIR: "model server (cloud)", CLIENT_DIR: "user", DEVELOPER_DIR: "model developer"}
 
 
 def inspect_model(path: Path, private=None, public=None) -> dict:
@@ -29,10 +30,10 @@ def inspect_model(path: Path, private=None, public=None) -> dict:
 
 
 def inspect_bundle(d: Path) -> dict:
-    man_path = d / "client" / CLIENT_MANIFEST
-    if not man_path.exists() or not (d / "server" / "model.onnx").exists():
-        raise StipError(f"{d}: not a stip bundle (expected server/model.onnx and client/{CLIENT_MANIFEST})")
-    manifest = json.loads(man_path.read_text())
+    lay = Layout(d)
+    if not lay.manifest.exists() or not lay.server_model.exists():
+        raise StipError(f"{d}: not a stip bundle (expected {_L.server_model} and {_L.manifest})")
+    manifest = Manifest.read(lay.manifest)
     files = []
     for f in sorted(d.rglob("*")):
         if f.is_file():
@@ -41,12 +42,12 @@ def inspect_bundle(d: Path) -> dict:
                           "holds": HOLDS.get(rel, "")})
     size = lambda top: sum(x["bytes"] for x in files if x["file"].startswith(top + "/"))  # noqa: E731
     report: dict = {"bundle": {
-        "path": str(d), "key_id": manifest["key_id"], "server_key_id": model_key_id(d / "server" / "model.onnx"),
-        "files": files, "client_bytes": size("client"), "server_bytes": size("server"),
-        "private_inputs": manifest["private"], "public_inputs": manifest["public"],
-        "sent_to_server": manifest["crossing"] + manifest["public"], "outputs": manifest["outputs"],
+        "path": str(d), "key_id": manifest.key_id, "server_key_id": model_key_id(lay.server_model),
+        "files": files, "client_bytes": size(CLIENT_DIR), "server_bytes": size(SERVER_DIR),
+        "private_inputs": manifest.private, "public_inputs": manifest.public,
+        "sent_to_server": manifest.crossing + manifest.public, "outputs": manifest.outputs,
     }}
-    rep = d / "developer" / "report.json"
+    rep = lay.report
     if rep.exists():
         full = json.loads(rep.read_text())
         report.update({k: v for k, v in full.items() if k not in ("bundle_sizes",)})

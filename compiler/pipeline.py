@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +11,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from stip.compiler.keys import KEY_FILE, csprng, new_key_id, write_key
+from stip.compiler.keys import new_key_id, random_permutation, write_key
+from stip.compiler.output import (
+    check_output_dir,
+    finish_temp,
+    interruptible,
+    locked,
+    new_temp,
+    output_path,
+    swap_into_place,
+)
 from stip.compiler.report import model_summary
 from stip.compiler.serialize import write_model
 from stip.passes.build import build
@@ -22,7 +29,7 @@ from stip.passes.graph import Graph, load_graph
 from stip.passes.partition import Partition, detect_private, partition
 from stip.passes.permute import draw
 from stip.passes.solve import Solution, require_transformer, solve
-from stip.runtime.bundle import CLIENT_MANIFEST
+from stip.runtime.bundle_format import TOKENIZER_DIR, Layout, Manifest
 from stip.runtime.verify import index_range
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # serialized bytes above which the server graph uses external data
@@ -71,20 +78,19 @@ def weight_bytes(model: onnx.ModelProto) -> int:
                for t in model.graph.initializer)
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise StipError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise StipError(f"{out}: already exists; pass --force to replace it (the old key will be lost)")
-
-
+@interruptible()
 def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = False,
                   private: list[str] | None = None, public: list[str] | None = None,
                   external_data: str = "auto", progress: Progress | None = None, head: str = "server",
                   tokenizer: str | Path | None = None, max_context: int | None = None) -> dict:
-    """Write out/{server,client,developer}; nothing is left behind on failure, nothing replaced without force."""
-    out = Path(out_dir)
-    check_output_dir(out, force)
+    """Write out/{server,client,developer}; nothing is left behind on failure, nothing replaced without force,
+    and only a bundle replaced with it (see stip.compiler.output)."""
+    out = output_path(out_dir)
+    if out.parent.is_dir():
+        with locked(out):  # repairs what a killed compile left, before judging the output
+            check_output_dir(out, force)
+    else:
+        check_output_dir(out, force)
     step = progress or (lambda _label, _total: (lambda: None))
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise StipError(f"--tokenizer {tokenizer}: not a directory")
@@ -92,33 +98,38 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
     # The analysis (every weight as numpy) was freed when _compile_in_memory returned: peak RSS while saving is
     # the three bundle models plus one serialized copy, not the original model on top.
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stip-tmp", dir=out.parent))
     try:
-        tick = step("writing bundle", None)
-        os.chmod(tmp, 0o755)
-        for sub in ("server", "client", "developer"):
-            (tmp / sub).mkdir()
-        os.chmod(tmp / "developer", 0o700)
-        _save(bundle.server, tmp / "server" / "model.onnx", external_data)
-        _save(bundle.pre, tmp / "client" / "pre.onnx", "never")
-        _save(bundle.post, tmp / "client" / "post.onnx", "never")
-        if tokenizer is not None:
-            shutil.copytree(tokenizer, tmp / "client" / "tokenizer")
-            manifest["tokenizer"] = "tokenizer"
-        (tmp / "client" / CLIENT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        write_key(tmp / "developer" / KEY_FILE, manifest["key_id"], key)
-        report["key_id"] = manifest["key_id"]
-        report["bundle_sizes"] = {
-            "client_bytes": sum(f.stat().st_size for f in (tmp / "client").rglob("*") if f.is_file()),
-            "server_bytes": sum(f.stat().st_size for f in (tmp / "server").rglob("*") if f.is_file()),
-        }
-        (tmp / "developer" / "report.json").write_text(json.dumps(report, indent=2))
-        _replace(tmp, out)
-        tick()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StipError(f"{out.parent}: cannot create the output's parent directory ({e.strerror})")
+    with locked(out):
+        check_output_dir(out, force)  # again: the directory may have changed while we compiled
+        tmp = new_temp(out)
+        lay = Layout(tmp)
+        try:
+            tick = step("writing bundle", None)
+            for d in (lay.server_dir, lay.client_dir, lay.developer_dir):
+                d.mkdir()
+            _save(bundle.server, lay.server_model, external_data)
+            _save(bundle.pre, lay.pre, "never")
+            _save(bundle.post, lay.post, "never")
+            if tokenizer is not None:
+                shutil.copytree(tokenizer, lay.client_dir / TOKENIZER_DIR)
+                manifest["tokenizer"] = TOKENIZER_DIR
+            Manifest.from_dict(manifest).write(lay.manifest)
+            write_key(lay.key, manifest["key_id"], key)
+            report["key_id"] = manifest["key_id"]
+            report["bundle_sizes"] = {
+                "client_bytes": sum(f.stat().st_size for f in lay.client_dir.rglob("*") if f.is_file()),
+                "server_bytes": sum(f.stat().st_size for f in lay.server_dir.rglob("*") if f.is_file()),
+            }
+            lay.report.write_text(json.dumps(report, indent=2))
+            finish_temp(tmp)
+            swap_into_place(tmp, out)
+            tick()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return report
 
 
@@ -129,7 +140,7 @@ def _compile_in_memory(model_path, private, public, step, head="server", max_con
     g, sol, part = a.graph, a.solution, a.partition
     assert part is not None
     key_id = new_key_id()
-    perms = draw(sol, csprng())
+    perms = draw(sol, random_permutation)
     uses = sum(1 for i in part.pre_nodes + part.server_nodes + part.post_nodes
                for x in g.model.graph.node[i].input if x in g.constants)
     report = model_summary(g, sol, part)
@@ -167,14 +178,3 @@ def position_table_rows(g: Graph, private: list[str]) -> int | None:
             if n.op_type == "Gather" and n.input[0] in g.constants and g.constants[n.input[0]].ndim == 2
             and n.input[1] not in private_vals]
     return min(rows) if rows else None
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.stip-old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

@@ -24,12 +24,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stip.passes.errors import StipError
-from stip.passes.state import pair_cache
+from stip.runtime.bundle_format import SERVER_MODEL, find_server_dir, model_key_id, pair_cache
+from stip.runtime.errors import StipError
+from stip.runtime.triton_config import config_json, model_config
 
-PLATFORM = "onnxruntime_onnx"
-KEY_PARAM = "stip_key_id"
-INT64_FIELDS = {"dims", "max_queue_delay_microseconds", "max_sequence_idle_microseconds"}
+__all__ = ["config_json", "export_triton", "graph_tensors", "model_config", "to_pbtxt"]
+
 
 
 def _onnx_types() -> dict[int, str]:
@@ -68,81 +68,6 @@ def graph_tensors(path: Path) -> tuple[list[Tensor], list[Tensor]]:
         return Tensor(vi.name, types[t.elem_type], shape)
 
     return [spec(i) for i in m.graph.input if i.name not in inits], [spec(o) for o in m.graph.output]
-
-
-def model_config(name: str, inputs, outputs, pairs: list[tuple[str, str]], cache_inputs, key_id: str,
-                 max_batch_size: int | None = None, sequence_timeout: float = 300.0,
-                 max_sequences: int = 64) -> dict:
-    """Triton's ModelConfig as a dict (field names as in model_config.proto). `inputs`/`outputs` exclude the
-    cache; `cache_inputs` are the past_key_values.* tensors, in the order of `pairs`. Each tensor needs `name`,
-    `datatype` (FP32 ...) and `dims` (-1 for a dynamic dim)."""
-    everything = [*inputs, *outputs, *cache_inputs]
-    batchable = all(t.dims and t.dims[0] == -1 for t in everything)
-    if max_batch_size is None:
-        max_batch_size = (1 if pairs else 8) if batchable else 0
-    if max_batch_size < 0:
-        raise StipError("--max-batch-size must be >= 0")
-    if max_batch_size > 0 and not batchable:
-        odd = next(t.name for t in everything if not (t.dims and t.dims[0] == -1))
-        raise StipError(f"--max-batch-size {max_batch_size}: tensor '{odd}' has no dynamic batch dim 0, so "
-                        "Triton cannot batch this graph; use --max-batch-size 0")
-    strip = max_batch_size > 0
-
-    def entry(t) -> dict:
-        dims = t.dims[1:] if strip else list(t.dims)
-        e = {"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": dims or [1]}
-        if not dims:  # a [batch] tensor: Triton needs one dim, reshaped away
-            e["reshape"] = {"shape": []}
-        return e
-
-    cfg: dict = {"name": name, "platform": PLATFORM, "max_batch_size": max_batch_size,
-                 "input": [entry(t) for t in inputs], "output": [entry(t) for t in outputs]}
-    if pairs:
-        states = []
-        for (past, present), t in zip(pairs, cache_inputs):
-            full = t.dims
-            if len(full) != 4:
-                raise StipError(f"cache input '{past}': expected [batch, heads, past, head_dim], got {full}")
-            initial = []
-            for a, d in enumerate(full):
-                if a == 0:
-                    if not strip:
-                        initial.append(1)  # one sequence per request
-                elif a == 2:
-                    initial.append(0)      # the empty cache: no past tokens
-                elif d == -1:
-                    raise StipError(f"cache input '{past}': dim {a} is dynamic, so Triton cannot build its "
-                                    "initial (empty) state; export the decoder with static heads and head size")
-                else:
-                    initial.append(d)
-            states.append({"input_name": past, "output_name": present, "data_type": "TYPE_" + t.datatype,
-                           "dims": full[1:] if strip else list(full),
-                           "initial_state": [{"data_type": "TYPE_" + t.datatype, "dims": initial,
-                                              "zero_data": True, "name": "empty KV cache"}]})
-        cfg["sequence_batching"] = {
-            "max_sequence_idle_microseconds": int(sequence_timeout * 1_000_000),
-            "oldest": {"max_candidate_sequences": max_sequences, "max_queue_delay_microseconds": 0},
-            "state": states,
-        }
-    elif strip:
-        cfg["dynamic_batching"] = {"max_queue_delay_microseconds": 100}
-    cfg["parameters"] = {KEY_PARAM: {"string_value": key_id}}
-    return cfg
-
-
-def config_json(cfg: dict) -> dict:
-    """The config as Triton's GET /v2/models/{name}/config returns it: protobuf JSON, int64 fields as strings."""
-
-    def conv(v, key=None):
-        if isinstance(v, dict):
-            return {k: conv(x, k) for k, x in v.items()}
-        if isinstance(v, list):
-            return [conv(x, key) for x in v]
-        if key in INT64_FIELDS and isinstance(v, int) and not isinstance(v, bool):
-            return str(v)
-        return v
-
-    return conv(cfg)
 
 
 _ENUM = re.compile(r"^(TYPE|KIND)_[A-Z0-9_]+$")
@@ -195,13 +120,7 @@ def to_pbtxt(cfg: dict) -> str:
 def export_triton(bundle: str | Path, repo: str | Path, name: str = "stip", max_batch_size: int | None = None,
                   force: bool = False, sequence_timeout: float = 300.0, max_sequences: int = 64) -> Path:
     """Write REPO/<name>/{config.pbtxt,1/model.onnx}; returns REPO/<name>. Nothing is left behind on failure."""
-    from stip.runtime.bundle import model_key_id
-
-    src = Path(bundle)
-    if not (src / "model.onnx").is_file():
-        src = src / "server"
-    if not (src / "model.onnx").is_file():
-        raise StipError(f"{bundle}: not a stip bundle (no server/model.onnx)")
+    src = find_server_dir(bundle)
     if not name or "/" in name or name.startswith("."):
         raise StipError(f"--model-name {name!r}: use a non-empty name without '/' that does not start with '.'")
     out = Path(repo)
@@ -209,9 +128,9 @@ def export_triton(bundle: str | Path, repo: str | Path, name: str = "stip", max_
         raise StipError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise StipError(f"{out}: already exists and is not empty; pass --force to replace {out / name} in it")
-    key_id = model_key_id(src / "model.onnx")
-    ins, outs = graph_tensors(src / "model.onnx")
-    pairs = pair_cache([t.name for t in ins], [t.name for t in outs], str(src / "model.onnx"))
+    key_id = model_key_id(src / SERVER_MODEL)
+    ins, outs = graph_tensors(src / SERVER_MODEL)
+    pairs = pair_cache([t.name for t in ins], [t.name for t in outs], str(src / SERVER_MODEL))
     cache_in = {p: None for p, _ in pairs}
     cache_out = {o for _, o in pairs}
     by_name = {t.name: t for t in ins}

@@ -14,10 +14,9 @@ from stip.passes.graph import Graph
 from stip.passes.partition import Partition
 from stip.passes.permute import Permutations, fold, inverse
 from stip.passes.solve import Solution, use_key
+from stip.runtime.bundle_format import CACHE_SHAPE_SUFFIX, KEY_ID_PROP, ROLE_PROP, ROLES
 
 SERVER_SUFFIX = ".stip_server"
-KEY_ID_PROP = "stip.key_id"
-ROLE_PROP = "stip.role"
 
 
 @dataclass
@@ -167,9 +166,6 @@ def _unpermute_nodes(g: Graph, sol: Solution, perms: Permutations, src: str, dst
     return nodes, inits
 
 
-CACHE_SHAPE_SUFFIX = ".shape"
-
-
 def _cache_shapes_as_inputs(g: Graph, pre: onnx.ModelProto) -> None:
     """The user never holds the KV cache, but pre may need its shape (positions start at the past length):
     such Shape nodes read a small int64 input `<cache input>.shape` that the client fills in instead."""
@@ -257,6 +253,6 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
         post.graph.initializer.extend(inits)
         post.graph.output.append(_value_info(g, o))
 
-    for role, m in (("client.pre", pre), ("server", server), ("client.post", post)):
-        helper.set_model_props(m, {KEY_ID_PROP: key_id, ROLE_PROP: role})
+    for part_name, m in (("pre", pre), ("server", server), ("post", post)):
+        helper.set_model_props(m, {KEY_ID_PROP: key_id, ROLE_PROP: ROLES[part_name]})
     return Bundle(pre, server, post)

@@ -1,7 +1,5 @@
-"""One exception type for every user-facing failure, so the CLI can print one line and exit non-zero."""
+"""StipError, re-exported: it lives in stip.runtime.errors so client processes never import the passes."""
 
-from __future__ import annotations
+from stip.runtime.errors import StipError
 
-
-class StipError(Exception):
-    """A problem with the user's input (file, graph, node, flag); printed without a traceback."""
+__all__ = ["StipError"]

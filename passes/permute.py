@@ -6,6 +6,7 @@ is never drawn directly; its permutation is built from its parts, so Q/K/V and t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,8 +54,10 @@ class Permutations:
                 for c in self.solution.permuted}
 
 
-def draw(sol: Solution, rng: np.random.Generator) -> Permutations:
-    """One uniformly random permutation per free space (per head for dependent inner spaces)."""
+def draw(sol: Solution, permutation: Callable[[int], np.ndarray]) -> Permutations:
+    """One independent permutation per free space (per head for dependent inner spaces), each a fresh call of
+    `permutation(n)`: stip.compiler.keys.random_permutation (the OS CSPRNG) in a compile, a seeded generator's
+    `.permutation` in tests that need reproducible keys."""
     drawn: dict[int, np.ndarray] = {}
     for c in sorted(sol.permuted):
         if sol.link(c):
@@ -62,10 +65,18 @@ def draw(sol: Solution, rng: np.random.Generator) -> Permutations:
         n = sol.sizes[c]
         h = sol.dependent.get(c)
         if h is not None:
-            drawn[c] = np.stack([rng.permutation(n) for _ in range(sol.sizes[h])]).astype(np.int64)
+            drawn[c] = np.stack([_checked(permutation(n), n) for _ in range(sol.sizes[h])])
         else:
-            drawn[c] = rng.permutation(n).astype(np.int64)
+            drawn[c] = _checked(permutation(n), n)
     return Permutations(sol, drawn)
+
+
+def _checked(p, n: int) -> np.ndarray:
+    """A wrong key must never be folded in silently: the source must return a permutation of range(n)."""
+    p = np.asarray(p, dtype=np.int64)
+    if p.shape != (n,) or not np.array_equal(np.sort(p), np.arange(n)):
+        raise StipError(f"the permutation source returned {p.shape} values that are not a permutation of {n}")
+    return p
 
 
 def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> np.ndarray:

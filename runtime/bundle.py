@@ -6,26 +6,25 @@ key id check (a client bundle from another compile must fail loudly) belongs in 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from stip.passes.build import CACHE_SHAPE_SUFFIX, KEY_ID_PROP
-from stip.passes.errors import StipError
+from stip.runtime.bundle_format import (
+    CACHE_SHAPE_SUFFIX,
+    CLIENT_MANIFEST,
+    POST_MODEL,
+    PRE_MODEL,
+    SERVER_MODEL,
+    Layout,
+    Manifest,
+    model_key_id,
+)
 from stip.runtime.cache import CachedSession
+from stip.runtime.errors import StipError
 from stip.runtime.sessions import make_session
 
-CLIENT_MANIFEST = "stip.json"
-
-
-def model_key_id(path: Path) -> str:
-    m = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in m.metadata_props}
-    if KEY_ID_PROP not in props:
-        raise StipError(f"{path}: not a stip bundle graph (no {KEY_ID_PROP} metadata)")
-    return props[KEY_ID_PROP]
+__all__ = ["CLIENT_MANIFEST", "Client", "LocalDeployment", "Server", "model_key_id"]
 
 
 class Client:
@@ -36,16 +35,17 @@ class Client:
         man = d / CLIENT_MANIFEST
         if not man.exists():
             raise StipError(f"{d}: not a stip client bundle (missing {CLIENT_MANIFEST})")
-        self.manifest = json.loads(man.read_text())
-        self.key_id = self.manifest["key_id"]
-        for name in ("pre.onnx", "post.onnx"):
+        self.dir = d
+        self.manifest = Manifest.read(man)
+        self.key_id = self.manifest.key_id
+        for name in (PRE_MODEL, POST_MODEL):
             got = model_key_id(d / name)
             if got != self.key_id:
                 raise StipError(f"{d / name}: key id {got} does not match the client bundle's {self.key_id}")
-        self.pre = make_session(d / "pre.onnx", device, threads)
-        self.post = make_session(d / "post.onnx", device, threads)
-        self.input_names = self.manifest["inputs"]
-        self.output_names = self.manifest["outputs"]
+        self.pre = make_session(d / PRE_MODEL, device, threads)
+        self.post = make_session(d / POST_MODEL, device, threads)
+        self.input_names = self.manifest.inputs
+        self.output_names = self.manifest.outputs
 
     def check_server(self, server_key_id: str, where: str) -> None:
         if server_key_id != self.key_id:
@@ -63,14 +63,14 @@ class Client:
         pre_in = {}
         for i in self.pre.get_inputs():
             if i.name.endswith(CACHE_SHAPE_SUFFIX) and i.name not in feeds:
-                dims = self.manifest["cache_dims"][i.name[: -len(CACHE_SHAPE_SUFFIX)]]
+                dims = self.manifest.cache_dims[i.name[: -len(CACHE_SHAPE_SUFFIX)]]
                 pre_in[i.name] = np.array([batch if a == 0 else (past_length if d is None else d)
                                            for a, d in enumerate(dims)], dtype=np.int64)
             else:
                 pre_in[i.name] = feeds[i.name]
         pre_out = dict(zip([o.name for o in self.pre.get_outputs()], self.pre.run(None, pre_in)))
-        to_server = {n: pre_out[n] for n in self.manifest["crossing"]}
-        for n in self.manifest["public"]:
+        to_server = {n: pre_out[n] for n in self.manifest.crossing}
+        for n in self.manifest.public:
             to_server[n] = feeds[n]
         return to_server, pre_out
 
@@ -85,9 +85,9 @@ class Server:
 
     def __init__(self, server_dir: str | Path, device: str = "auto", threads: int = 0):
         d = Path(server_dir)
-        path = d / "model.onnx"
+        path = d / SERVER_MODEL
         if not path.exists():
-            raise StipError(f"{d}: not a stip server bundle (missing model.onnx)")
+            raise StipError(f"{d}: not a stip server bundle (missing {SERVER_MODEL})")
         self.key_id = model_key_id(path)
         self.session = make_session(path, device, threads)
         self.path = self.where = path
@@ -114,10 +114,10 @@ class LocalDeployment:
     """All three parts in one process: for verify, examples and benchmarks."""
 
     def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: int = 0):
-        d = Path(bundle_dir)
-        self.client = Client(d / "client", device="cpu", threads=threads)
-        self.server = Server(d / "server", device, threads)
-        self.client.check_server(self.server.key_id, str(d / "server" / "model.onnx"))
+        lay = Layout(Path(bundle_dir))
+        self.client = Client(lay.client_dir, device="cpu", threads=threads)
+        self.server = Server(lay.server_dir, device, threads)
+        self.client.check_server(self.server.key_id, str(lay.server_model))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         to_server, pre_out = self.client.prepare(feeds)

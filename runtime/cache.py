@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stip.passes.state import pair_cache
+from stip.runtime.bundle_format import pair_cache
 
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}

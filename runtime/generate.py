@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stip.passes.errors import StipError
 from stip.runtime.bundle import Client, Server
+from stip.runtime.bundle_format import SERVER_DIR, find_client_dir
 from stip.runtime.cache import CachedSession
+from stip.runtime.errors import StipError
 from stip.runtime.sessions import make_session
 
 Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -81,10 +82,9 @@ class StipGenerator:
     def __init__(self, bundle_dir: str | Path, device: str = "auto", server=None, threads: int = 0):
         """`bundle_dir`: a bundle root or its client/ dir. `server`: a local Server (default: bundle/server) or
         a stip.runtime.remote.RemoteServer; anything with `key_id` and `sequence()`."""
-        d = Path(bundle_dir)
-        client_dir = d if (d / "pre.onnx").exists() else d / "client"
+        client_dir = find_client_dir(bundle_dir)
         self.client = Client(client_dir, device="cpu", threads=threads)
-        self.server = server or Server(client_dir.parent / "server", device, threads)
+        self.server = server or Server(client_dir.parent / SERVER_DIR, device, threads)
         self.client.check_server(self.server.key_id, str(getattr(self.server, "where", "server")))
         man = self.client.manifest
         self.cached = bool(man.get("cache"))

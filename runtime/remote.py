@@ -13,10 +13,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from stip.passes.errors import StipError
 from stip.runtime.bundle import Client
+from stip.runtime.bundle_format import KEY_ID_PARAMETER, find_client_dir
+from stip.runtime.errors import StipError
 
-KEY_ID_PARAMETER = "stip_key_id"
 _DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
            "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
 
@@ -106,8 +106,7 @@ class RemoteClient:
     """A user with a client bundle and a server URL; the key id is checked when connecting."""
 
     def __init__(self, bundle_client_dir: str | Path, url: str, model_name: str = "stip"):
-        d = Path(bundle_client_dir)
-        self.client = Client(d if (d / "pre.onnx").exists() else d / "client", device="cpu")
+        self.client = Client(find_client_dir(bundle_client_dir), device="cpu")
         self.server = RemoteServer(url, model_name)
         self.client.check_server(self.server.key_id, self.server.where)
 

@@ -47,10 +47,9 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request
 
-from stip.passes.errors import StipError
-from stip.passes.state import pair_cache
-from stip.runtime.bundle import model_key_id
+from stip.runtime.bundle_format import model_key_id, pair_cache
 from stip.runtime.cache import CachedSession, empty_past
+from stip.runtime.errors import StipError
 from stip.runtime.sessions import make_session
 
 log = logging.getLogger("stip.serve")
@@ -312,7 +311,7 @@ class Model:
 
     def config(self) -> dict:
         """Triton's model configuration (GET /v2/models/{name}/config), as `stip export-triton` writes it."""
-        from stip.compiler.triton import config_json, model_config
+        from stip.runtime.triton_config import config_json, model_config
 
         return config_json(model_config(self.name, self.inputs, self.outputs, self.pairs, self.cache_specs,
                                         self.key_id, sequence_timeout=self.limits.sequence_timeout,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from stip.passes.errors import StipError
+from stip.runtime.errors import StipError
 
 
 def gpu_visible() -> bool:

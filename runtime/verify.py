@@ -1,16 +1,22 @@
-"""`stip verify`: the original model vs pre -> server -> post on the same random inputs, in onnxruntime."""
+"""`stip verify`: the original model vs pre -> server -> post on the same random inputs, in onnxruntime.
+
+A developer tool, not part of a client: it reads the original graph, so it imports stip.passes, but only inside
+the functions that need it, so that importing the runtime never loads the compiler's passes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stip.passes.graph import Graph, load_graph
-from stip.passes.partition import value_cone
 from stip.runtime.bundle import LocalDeployment
 from stip.runtime.sessions import make_session
+
+if TYPE_CHECKING:
+    from stip.passes.graph import Graph
 
 INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -18,6 +24,8 @@ FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
 
 def index_range(g: Graph, name: str) -> int:
     """How many rows the tables indexed by this input have (vocabulary, token types), so ids stay valid."""
+    from stip.passes.partition import value_cone
+
     cone = value_cone(g, [name])
     reached = {name} | {o for i in cone for o in g.model.graph.node[i].output}
     sizes = []
@@ -51,6 +59,8 @@ def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: in
                  past: int = 0) -> dict[str, np.ndarray]:
     """Inputs of the right dtypes: ids within the vocabulary, masks with padding, positions after the cache,
     Gaussian floats (and a random KV cache of `past` positions for decoders exported with one)."""
+    from stip.passes.graph import load_graph
+
     g = load_graph(model_path)
     sess = make_session(model_path, "cpu")
     rng = np.random.default_rng(seed)
@@ -114,7 +124,7 @@ def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq:
     (the server keeps its permuted copy), then both run the same `seq` new tokens."""
     dep = LocalDeployment(bundle_dir, device)
     sess = make_session(original, device)
-    cached = bool(dep.client.manifest.get("cache"))
+    cached = bool(dep.client.manifest.cache)
     if not cached:
         feeds = random_feeds(original, batch, seq, seed)
         ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))

@@ -27,7 +27,7 @@ def compile_in_memory(path: Path, seed: int = 1, private=None, head: str = "serv
     sol = solve(g)
     priv = detect_private(g, sol, private)
     part = partition(g, sol, priv, head)
-    perms = draw(sol, np.random.default_rng(seed))
+    perms = draw(sol, np.random.default_rng(seed).permutation)
     return g, sol, part, perms, build(g, sol, perms, part, "test-key")
 
 
