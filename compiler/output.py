@@ -174,6 +174,8 @@ def finish_temp(tmp: Path) -> None:
 
 
 def _fsync_dir(d: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened there; NTFS journals renames itself
+        return
     fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
