@@ -94,6 +94,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
     step = progress or (lambda _label, _total: (lambda: None))
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise StipError(f"--tokenizer {tokenizer}: not a directory")
+    if max_context is not None and max_context < 1:
+        raise StipError(f"--max-context {max_context}: must be at least 1")
     bundle, report, manifest, key = _compile_in_memory(model_path, private, public, step, head, max_context)
     # The analysis (every weight as numpy) was freed when _compile_in_memory returned: peak RSS while saving is
     # the three bundle models plus one serialized copy, not the original model on top.
@@ -116,7 +118,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
             if tokenizer is not None:
                 shutil.copytree(tokenizer, lay.client_dir / TOKENIZER_DIR)
                 manifest["tokenizer"] = TOKENIZER_DIR
-            Manifest.from_dict(manifest).write(lay.manifest)
+            Manifest.from_dict(manifest, str(Layout(out).manifest)).write(lay.manifest)
             write_key(lay.key, manifest["key_id"], key)
             report["key_id"] = manifest["key_id"]
             report["bundle_sizes"] = {

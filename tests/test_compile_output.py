@@ -97,6 +97,12 @@ def test_force_replaces_a_bundle(zoo, old_bundle, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_negative_max_context_is_refused_before_compiling(zoo, tmp_path):
+    _assert_user_error(stip("compile", zoo.get("bert"), "-o", tmp_path / "o", "--max-context", "-3", "-q"),
+                       "--max-context -3", "at least 1")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- modes ----
 
 def test_modes_do_not_depend_on_the_umask(zoo, tmp_path):
