@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph
-from stip.passes.rules import SHAPE_ONLY
+from stip.passes.rules import SHAPE_ONLY, contract
 from stip.passes.solve import Solution
-
-HEAVY = {"MatMul", "Gemm", "Einsum", "Attention", "MultiHeadAttention", "GroupQueryAttention", "MatMulNBits"}
 
 
 @dataclass
@@ -39,26 +37,32 @@ class Partition:
 def is_lift(g: Graph, idx: int, j: int) -> bool:
     """Does input j of node idx turn values into features through a weight (embedding, patch conv, linear)?"""
     n = g.model.graph.node[idx]
-    if n.op_type == "Gather":
-        return j == 1 and n.input[0] in g.constants
-    if n.op_type == "Conv":
-        return j == 0 and n.input[1] in g.constants
-    if n.op_type in ("MatMul", "Gemm"):
-        return j in (0, 1) and n.input[1 - j] in g.constants
-    return False
+    weights = contract(n).lifts.get(j)
+    return weights is not None and any(w < len(n.input) and n.input[w] in g.constants for w in weights)
+
+
+def reads(n, k: int, j: int) -> bool:
+    """Do the values of output k of node n depend on input j (see OpContract.reads)?"""
+    only = contract(n).reads.get(k)
+    return only is None or j in only
 
 
 def value_cone(g: Graph, sources: list[str]) -> set[int]:
     """Nodes whose outputs depend on the *values* of `sources` (Shape/Size break the dependence)."""
     seen: set[int] = set()
+    reached = set(sources)
     stack = list(sources)
     while stack:
         t = stack.pop()
-        for idx, _j in g.consumers.get(t, []):
-            if idx in seen or g.model.graph.node[idx].op_type in SHAPE_ONLY:
+        for idx, j in g.consumers.get(t, []):
+            n = g.model.graph.node[idx]
+            if n.op_type in SHAPE_ONLY:
                 continue
             seen.add(idx)
-            stack.extend(o for o in g.model.graph.node[idx].output if o)
+            for k, o in enumerate(n.output):
+                if o and o not in reached and reads(n, k, j):
+                    reached.add(o)
+                    stack.append(o)
     return seen
 
 
@@ -159,7 +163,7 @@ def partition(g: Graph, sol: Solution, private: list[str], head: str = "server")
     eligible: set[int] = set()
     for idx in sorted(cone):
         n = nodes[idx]
-        if n.op_type in HEAVY:
+        if contract(n).heavy:
             continue
         if all(g.producer.get(x) not in cone or g.producer.get(x) in eligible for x in n.input if x):
             eligible.add(idx)
@@ -245,12 +249,14 @@ def _choose_pre(g: Graph, sol: Solution, cone: set[int], eligible: set[int],
     lifted: set[str] = set()
     raw: set[str] = set(private)
     for i in sorted(cone):
-        for o in nodes[i].output:
+        n = nodes[i]
+        for k, o in enumerate(n.output):
             if not o:
                 continue
-            if _featured(g, sol, o) or any(x in lifted for x in nodes[i].input):
+            deps = [x for j, x in enumerate(n.input) if x and reads(n, k, j)]
+            if _featured(g, sol, o) or any(x in lifted for x in deps):
                 lifted.add(o)
-            else:
+            elif any(x in raw for x in deps):
                 raw.add(o)
     pre = {i for i in eligible if any(x in raw for x in nodes[i].input)}
     stack = list(pre)

@@ -1,11 +1,18 @@
-"""The permutation rule of every supported op, one small function each. Start here to see how an op is handled.
+"""The contract of every supported op, one entry each: start here to see how an op is handled.
 
-A rule relates the axis classes of a node's inputs and outputs:
+An entry is a permutation rule plus the facts the other passes need about the op (see OpContract). A rule relates
+the axis classes of a node's inputs and outputs:
 - `ctx.eq(a, b)`: the two axes must carry the same permutation (elementwise ops, matmul contraction, ...);
 - `ctx.fix(a, why)`: the axis must stay unpermuted (indexed positionally: Gather indices, Slice, Concat axis, ...);
-- `ctx.link(whole, parts)`: a Reshape flattened or split an axis (hidden -> heads x head_dim).
-Axes of size 1 are broadcast axes and are never permuted. Ops with no rule pin every axis they touch, so an
+- `ctx.link(whole, parts)`: a Reshape flattened or split an axis (hidden -> heads x head_dim);
+- `ctx.structure(whole, kind, parts)`: the same for an axis an op packs internally (fused q|k|v, heads x head_dim);
+- `ctx.refuse(why, instead)`: the op (or this use of it) cannot be made exact; compile stops and says what to do.
+Every input axis of size > 1 must be related to the outputs, to another input, or pinned: an axis a rule
+ignores would stay in plaintext order while its partner is permuted (tests/test_rules.py checks the whole table).
+Axes of size 1 are broadcast axes and are never permuted. Ops with no entry pin every axis they touch, so an
 unsupported op on the hidden path surfaces as a conflict that names it (see solve.py).
+
+Ops outside the default ONNX domain are keyed "domain:op" (onnxruntime's fused ops are "com.microsoft:...").
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,27 +29,68 @@ if TYPE_CHECKING:
     from stip.passes.solve import RuleContext
 
 Rule = Callable[["RuleContext"], None]
-RULES: dict[str, Rule] = {}
+
+
+@dataclass(frozen=True)
+class OpContract:
+    """Everything the compiler needs to know about one op.
+
+    weights: input index -> axes (negative: from the end) that carry features when that input is a float weight
+        of rank >= 2; they must end up permuted or the model is not protected (solve.py reports them).
+    heavy: the op is worth sending to the server (the client stops before it; partition.py).
+    lifts: input index -> inputs of which at least one must be a weight; the op then turns the input's values
+        into features (embedding lookup, patch conv, linear layer), which makes a graph input private.
+    reads: output index -> the only inputs whose values that output depends on (default: all), e.g. a mask
+        index computed from the public mask alone is not private data even though its node reads token ids.
+    """
+
+    rule: Rule
+    weights: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    heavy: bool = False
+    lifts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    reads: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+
+OPS: dict[str, OpContract] = {}
+MS = "com.microsoft:"  # onnxruntime's contrib ops (the transformer optimizer's fused ops)
 
 UNARY = (
-    "Abs Acos Asin Atan Ceil Cos Cosh Elu Erf Exp Floor Gelu FastGelu HardSigmoid HardSwish Identity IsInf IsNaN "
+    "Abs Acos Asin Atan Ceil Cos Cosh Elu Erf Exp Floor Gelu HardSigmoid HardSwish Identity IsInf IsNaN "
     "LeakyRelu Log Mish Neg Not Reciprocal Relu Round Selu Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Tan Tanh "
-    "Cast QuickGelu BiasGelu ThresholdedRelu Celu Swish"
+    "Cast ThresholdedRelu Celu Swish"
 ).split()
+MS_UNARY = [MS + op for op in ("Gelu", "QuickGelu")]
 ELEMENTWISE = "Add Sub Mul Div Pow Max Min Mean Sum Equal Greater GreaterOrEqual Less LessOrEqual And Or Xor Mod " \
     "BitShift PRelu Where Clip".split()
+MS_ELEMENTWISE = [MS + op for op in ("FastGelu", "BiasGelu", "BiasAdd")]  # activations with a bias input
 REDUCE = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp " \
     "ReduceSumSquare".split()
 SHAPE_ONLY = ("Shape", "Size")
 
 
-def rule(*ops: str) -> Callable[[Rule], Rule]:
+def op_key(node) -> str:
+    """The table key of a node: its op type, qualified by its domain outside the default ONNX domain."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+
+
+def rule(*ops: str, weights: dict[int, tuple[int, ...]] | None = None, heavy: bool = False,
+         lifts: dict[int, tuple[int, ...]] | None = None,
+         reads: dict[int, tuple[int, ...]] | None = None) -> Callable[[Rule], Rule]:
+    """Register a rule, with the op's other facts, under each op key."""
+
     def register(fn: Rule) -> Rule:
         for op in ops:
-            RULES[op] = fn
+            if op in OPS:
+                raise ValueError(f"op {op} registered twice")
+            OPS[op] = OpContract(fn, dict(weights or {}), heavy, dict(lifts or {}), dict(reads or {}))
         return fn
 
     return register
+
+
+def contract(node) -> OpContract:
+    """The node's entry, or the fallback that pins every axis it touches."""
+    return OPS.get(op_key(node), FALLBACK)
 
 
 def broadcast_into(ctx: RuleContext, j: int, k: int = 0) -> None:
@@ -53,7 +102,7 @@ def broadcast_into(ctx: RuleContext, j: int, k: int = 0) -> None:
             ctx.eq(ctx.ax_in(j, a), ctx.ax_out(k, a + off))
 
 
-@rule(*UNARY, "Dropout", "Softmax", "LogSoftmax", "CastLike")
+@rule(*UNARY, *MS_UNARY, "Dropout", "Softmax", "LogSoftmax", "CastLike")
 def unary(ctx: RuleContext) -> None:
     """Applied per element (Softmax: per row, and a row permutation commutes with it)."""
     broadcast_into(ctx, 0)
@@ -62,7 +111,7 @@ def unary(ctx: RuleContext) -> None:
             ctx.eq(ctx.ax_out(1, a), ctx.ax_out(0, a))
 
 
-@rule(*ELEMENTWISE)
+@rule(*ELEMENTWISE, *MS_ELEMENTWISE)
 def elementwise(ctx: RuleContext) -> None:
     """Operands that share an axis share its permutation; constants absorb it (biases, scales)."""
     for j in range(len(ctx.node.input)):
@@ -76,7 +125,8 @@ def expand(ctx: RuleContext) -> None:
     ctx.fix_input(1, "Expand shape")
 
 
-@rule("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization")
+@rule("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", MS + "SkipLayerNormalization",
+      MS + "SkipSimplifiedLayerNormalization")
 def layer_norm(ctx: RuleContext) -> None:
     """Statistics over the normalised axes are order-invariant; gamma/beta take the permutation."""
     broadcast_into(ctx, 0)
@@ -91,7 +141,7 @@ def layer_norm(ctx: RuleContext) -> None:
                     ctx.eq(ctx.ax_out(k, a), ctx.ax_in(0, a))
 
 
-@rule("MatMul")
+@rule("MatMul", weights={1: (-2, -1)}, heavy=True, lifts={0: (1,), 1: (0,)})
 def matmul(ctx: RuleContext) -> None:
     """Contraction axes share a permutation (it cancels); free axes pass through; a constant absorbs both."""
     a, b, out = ctx.shape_in(0), ctx.shape_in(1), ctx.shape_out(0)
@@ -124,7 +174,7 @@ def _batch(ctx: RuleContext, j: int, n_in: int, n_out: int) -> None:
             ctx.eq(ctx.ax_in(j, i), ctx.ax_out(0, o))
 
 
-@rule("Gemm")
+@rule("Gemm", weights={1: (0, 1)}, heavy=True, lifts={0: (1,), 1: (0,)})
 def gemm(ctx: RuleContext) -> None:
     ta, tb = ctx.attr("transA", 0), ctx.attr("transB", 0)
     a_m, a_k = (1, 0) if ta else (0, 1)
@@ -342,7 +392,7 @@ def _slice_bounds(ctx: RuleContext) -> dict[int, object] | None:
     return out
 
 
-@rule("Gather")
+@rule("Gather", weights={0: (-1,)}, lifts={1: (0,)})
 def gather(ctx: RuleContext) -> None:
     """Indexing is positional on the gathered axis; the other data axes and the index axes pass through."""
     data, idx = ctx.shape_in(0), ctx.shape_in(1)
@@ -399,7 +449,7 @@ def argmax(ctx: RuleContext) -> None:
         o += 1
 
 
-@rule("Conv")
+@rule("Conv", weights={1: (0,)}, lifts={0: (1,)})
 def conv(ctx: RuleContext) -> None:
     """Channels behave like a matmul (weight absorbs both); spatial axes are positional."""
     x, w = ctx.shape_in(0), ctx.shape_in(1)
@@ -430,3 +480,9 @@ def shape_only(ctx: RuleContext) -> None:
 def fallback(ctx: RuleContext) -> None:
     """No rule: every axis the op touches must stay unpermuted (a conflict if it is on the hidden path)."""
     ctx.fix_all(f"{ctx.node.op_type} has no permutation rule")
+
+
+FALLBACK = OpContract(fallback)
+# Heavy ops without a permutation rule: the client still stops before them.
+for _op in ("Einsum", "Attention", MS + "MatMulNBits"):
+    OPS[_op] = OpContract(fallback, heavy=True)

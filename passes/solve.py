@@ -13,7 +13,7 @@ import numpy as np
 
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph
-from stip.passes.rules import RULES, fallback
+from stip.passes.rules import contract
 from stip.passes.spaces import SpaceConflict, Spaces
 from stip.passes.values import shape_values
 
@@ -88,6 +88,35 @@ class RuleContext:
     def link(self, whole: int, parts: list[int], kind: str = "prod") -> None:
         self.s.spaces.link(whole, parts, kind)
 
+    def structure(self, whole: int | None, kind: str, parts: list[int]) -> int:
+        """Give an axis a structure the op packs internally: `whole` (a fresh class when None, e.g. the q block
+        inside a fused q|k|v weight) is the "prod" (row-major flattening) or "cat" (concatenation) of `parts`."""
+        if whole is None:
+            whole = self.fresh(_structured_size(self.s.spaces, kind, parts))
+        self.s.spaces.link(whole, parts, kind)
+        return whole
+
+    def fresh(self, size: int | str | None) -> int:
+        """A new axis class that belongs to no tensor (a block or factor of a packed axis)."""
+        return self.s.spaces.fresh(size)
+
+    def pinned(self, size: int | str | None, why: str) -> int:
+        """A fresh class that must stay unpermuted (the pair index of interleaved rotary pairs)."""
+        c = self.fresh(size)
+        self.fix(c, why)
+        return c
+
+    def refuse(self, why: str, instead: str) -> None:
+        """This use of the op cannot be compiled exactly: stop with a blocker that names it and what to do."""
+        self.fix_all(why)
+        raise Refused(f"{why}; {instead}")
+
+    def has_input(self, j: int) -> bool:
+        return j < len(self.node.input) and bool(self.node.input[j])
+
+    def has_output(self, k: int) -> bool:
+        return k < len(self.node.output) and bool(self.node.output[k])
+
     def fix_input(self, j: int, why: str) -> None:
         if j < len(self.node.input) and self.node.input[j]:
             for a in range(len(self.shape_in(j))):
@@ -158,14 +187,14 @@ class Solver:
         for idx, node in enumerate(g.model.graph.node):
             ctx = RuleContext(self, idx)
             try:
-                RULES.get(node.op_type, fallback)(ctx)
+                contract(node).rule(ctx)
             except _NoShape as e:
                 try:
                     ctx.fix_all(f"unknown shape of '{e.name}'")
                 except _NoShape:
                     blockers.append(Blocker(node.name or node.output[0], node.op_type,
                                             f"shape of tensor '{e.name}' is unknown"))
-            except SpaceConflict as e:
+            except (SpaceConflict, Refused) as e:
                 blockers.append(Blocker(node.name or node.output[0], node.op_type, str(e)))
         for past, present in g.cache:  # the cache fed back must be in the basis the server wrote it in
             for a, (d1, d2) in enumerate(zip(g.shapes.get(past, []), g.shapes.get(present, []))):
@@ -297,25 +326,27 @@ class Solver:
         return dependent
 
 
+class Refused(Exception):
+    """A rule's refusal: the op cannot be compiled exactly (the message says why and what to do)."""
+
+
+def _structured_size(sp: Spaces, kind: str, parts: list[int]):
+    sizes = [sp.info(c).size for c in parts]
+    if not all(isinstance(x, int) for x in sizes):
+        return None
+    return int(np.prod(sizes)) if kind == "prod" else sum(sizes)
+
+
 class _NoShape(Exception):
     def __init__(self, name: str):
         self.name = name
 
 
 def _weight_feature_axes(node, j: int, value: np.ndarray) -> list[int]:
-    """Axes of a weight that carry features (must be permuted for the model to be protected)."""
-    op = node.op_type
+    """Axes of a weight that carry features (must be permuted for the model to be protected): see OpContract."""
     if value.ndim < 2 or value.dtype.kind != "f":
         return []
-    if op == "MatMul" and j == 1:
-        return [value.ndim - 2, value.ndim - 1]
-    if op == "Gemm" and j == 1:
-        return [0, 1]
-    if op == "Gather" and j == 0:
-        return [value.ndim - 1]
-    if op == "Conv" and j == 1:
-        return [0]
-    return []
+    return sorted({a % value.ndim for a in contract(node).weights.get(j, ())})
 
 
 def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, int]) -> dict[int, str]:
