@@ -102,13 +102,18 @@ def broadcast_into(ctx: RuleContext, j: int, k: int = 0) -> None:
             ctx.eq(ctx.ax_in(j, a), ctx.ax_out(k, a + off))
 
 
-@rule(*UNARY, *MS_UNARY, "Dropout", "Softmax", "LogSoftmax", "CastLike")
+@rule(*UNARY, *MS_UNARY, "Dropout", "Softmax", "LogSoftmax")
 def unary(ctx: RuleContext) -> None:
     """Applied per element (Softmax: per row, and a row permutation commutes with it)."""
     broadcast_into(ctx, 0)
     if ctx.node.op_type == "Dropout" and len(ctx.node.output) > 1 and ctx.node.output[1]:
         for a in range(len(ctx.shape_out(1))):
             ctx.eq(ctx.ax_out(1, a), ctx.ax_out(0, a))
+
+
+@rule("CastLike", reads={0: (0,)})  # the second input gives only the dtype
+def cast_like(ctx: RuleContext) -> None:
+    broadcast_into(ctx, 0)
 
 
 @rule(*ELEMENTWISE, *MS_ELEMENTWISE)
@@ -469,12 +474,261 @@ def conv(ctx: RuleContext) -> None:
         ctx.eq(ctx.ax_in(2, 0), ctx.ax_out(0, 1))
 
 
-@rule(*SHAPE_ONLY)
+@rule(*SHAPE_ONLY, reads={0: ()})
 def shape_only(ctx: RuleContext) -> None:
     """Shapes never change under a permutation, so the input is unconstrained."""
     for k in range(len(ctx.node.output)):
         for a in range(len(ctx.shape_out(k))):
             ctx.fix(ctx.ax_out(k, a), "shape data")
+
+
+# ---- onnxruntime's fused ops (com.microsoft), as `onnxruntime.transformers.optimizer` emits them ----
+
+BEFORE_OPTIMIZER = ("compile the export from before `onnxruntime.transformers.optimizer`, "
+                    "or optimize without this fusion")
+
+
+def _axes_pass(ctx: RuleContext, j: int, k: int, axes: range | list[int]) -> None:
+    """Input j's listed axes (batch, sequence) are output k's same axes, unless broadcast."""
+    shape = ctx.shape_in(j)
+    for a in axes:
+        if shape[a] != 1:
+            ctx.eq(ctx.ax_in(j, a), ctx.ax_out(k, a))
+
+
+def _fix_positional(ctx: RuleContext, j: int, why: str, keep: dict[int, int] | None = None) -> None:
+    """Pin input j's axes (masks, positions, sequence lengths), except those `keep` maps to a class."""
+    if not ctx.has_input(j):
+        return
+    for a, d in enumerate(ctx.shape_in(j)):
+        if keep and a in keep:
+            if d != 1:
+                ctx.eq(ctx.ax_in(j, a), keep[a])
+        else:
+            ctx.fix(ctx.ax_in(j, a), why)
+
+
+def _attention_bias(ctx: RuleContext, j: int, heads: int, batch: int) -> None:
+    """An additive bias [B|1, H|1, S, T] on the scores: its head axis takes the head permutation."""
+    _fix_positional(ctx, j, "attention bias positions", {0: batch, 1: heads})
+
+
+def _heads(ctx: RuleContext, n, size, what: str) -> int:
+    """Head size of a packed axis of `size` features over `n` heads, or a refusal."""
+    if not n or not isinstance(size, int) or size % n:
+        ctx.refuse(f"{what} of size {size} is not {n} whole heads", BEFORE_OPTIMIZER)
+    return size // n
+
+
+def _rotary_inner(ctx: RuleContext, hd: int, cos_j: int, sin_j: int, interleaved: int, rot: int = 0) -> int:
+    """A head_dim axis that RoPE rotates: frequency i pairs (i, i + rot/2), or (2i, 2i+1) when interleaved.
+
+    Permuting the frequencies (both halves alike, or whole pairs) and the cos/sin columns to match commutes
+    with the rotation, so head_dim is a structure over one frequency class f, and the pair index stays put."""
+    half = ctx.shape_in(cos_j)[-1]
+    if not isinstance(half, int):
+        ctx.refuse("rotary cos/sin cache of unknown width", BEFORE_OPTIMIZER)
+    rot = rot or 2 * half
+    if rot != 2 * half or rot > hd:
+        ctx.refuse(f"rotary dim {rot} does not match cos/sin caches of width {half} and head size {hd}",
+                   BEFORE_OPTIMIZER)
+    f = ctx.fresh(half)
+    if interleaved:
+        part = ctx.structure(None, "prod", [f, ctx.pinned(2, "rotary pair (interleaved)")])
+    else:
+        part = ctx.structure(None, "cat", [f, f])
+    for j in (cos_j, sin_j):
+        _fix_positional(ctx, j, "rotary cache positions", {len(ctx.shape_in(j)) - 1: f})
+    return part if rot == hd else ctx.structure(None, "cat", [part, ctx.fresh(hd - rot)])
+
+
+@rule(MS + "Attention", weights={1: (0, 1)}, heavy=True, lifts={0: (1,)})
+def ms_attention(ctx: RuleContext) -> None:
+    """x [B,S,D] @ packed weight [D, Dq+Dk+Dv] (+ bias): the packed axis is q | k | v, each heads x head_dim.
+    q and k share one space (it cancels in q k^T), all three share the head permutation, and the output
+    [B,S,Dv] is in v's space."""
+    if ctx.attr("do_rotary", 0):
+        ctx.refuse("Attention with do_rotary=1 is not supported", BEFORE_OPTIMIZER)
+    if ctx.has_input(4) or ctx.has_input(6) or ctx.has_output(1):
+        ctx.refuse("Attention with a past/present state is not supported", BEFORE_OPTIMIZER)
+    n = ctx.attr("num_heads", 0)
+    total = ctx.shape_in(1)[1]
+    sizes = list(ctx.attr("qkv_hidden_sizes", None) or ([total // 3] * 3 if isinstance(total, int) else []))
+    if len(sizes) != 3 or sum(sizes) != total or sizes[0] != sizes[1]:
+        ctx.refuse(f"Attention weight of width {total} is not q | k | v with equal q and k sizes", BEFORE_OPTIMIZER)
+    h = ctx.fresh(n)
+    qk = ctx.structure(None, "prod", [h, ctx.fresh(_heads(ctx, n, sizes[0], "q/k projection"))])
+    v = ctx.structure(ctx.ax_out(0, 2), "prod", [h, ctx.fresh(_heads(ctx, n, sizes[2], "v projection"))])
+    ctx.structure(ctx.ax_in(1, 1), "cat", [qk, qk, v])
+    ctx.eq(ctx.ax_in(0, 2), ctx.ax_in(1, 0))
+    _axes_pass(ctx, 0, 0, [0, 1])
+    if ctx.has_input(2):
+        ctx.eq(ctx.ax_in(2, 0), ctx.ax_in(1, 1))
+    _fix_positional(ctx, 3, "attention mask_index")
+    if ctx.has_input(5):
+        _attention_bias(ctx, 5, h, ctx.ax_out(0, 0))
+
+
+def _cache(ctx: RuleContext, j: int, k: int, batch: int, heads: int, inner: int) -> None:
+    """past (input j) / present (output k) [B, heads, length, head_dim]: the server keeps them permuted."""
+    if ctx.has_input(j):
+        _fix_positional(ctx, j, "cache positions", {0: batch, 1: heads, 3: inner})
+    if ctx.has_output(k):
+        out = ctx.shape_out(k)
+        for a, c in ((0, batch), (1, heads), (3, inner)):
+            if out[a] != 1:
+                ctx.eq(ctx.ax_out(k, a), c)
+        ctx.fix(ctx.ax_out(k, 2), "cache positions")
+
+
+@rule(MS + "MultiHeadAttention", heavy=True)
+def ms_multi_head_attention(ctx: RuleContext) -> None:
+    """Separate q [B,S,Dq], k, v ([B,L,D] or per head [B,N,L,H]), optional packed bias [Dq+Dk+Dv], cache
+    [B,N,P,H]: q and k share heads x head_dim, v has its own head_dim, the output is in v's space."""
+    q = ctx.shape_in(0)
+    if not ctx.has_input(1) or len(q) != 3 or len(ctx.shape_in(1)) == 5:
+        ctx.refuse("MultiHeadAttention with packed q/k/v inputs is not supported", BEFORE_OPTIMIZER)
+    if ctx.has_input(9):
+        ctx.refuse("MultiHeadAttention with cache_indirection (beam search) is not supported", BEFORE_OPTIMIZER)
+    n = ctx.attr("num_heads", 0)
+    b = ctx.ax_out(0, 0)
+    h = ctx.fresh(n)
+    qk_inner = ctx.fresh(_heads(ctx, n, q[2], "query"))
+    qk = ctx.structure(ctx.ax_in(0, 2), "prod", [h, qk_inner])
+    _axes_pass(ctx, 0, 0, [0, 1])
+    k, v = ctx.shape_in(1), ctx.shape_in(2)
+    v_size = v[2] if len(v) == 3 else v[1] * v[3]
+    v_inner = ctx.fresh(_heads(ctx, n, v_size, "value"))
+    vc = ctx.structure(ctx.ax_out(0, 2), "prod", [h, v_inner])
+    for j, shape, whole, inner in ((1, k, qk, qk_inner), (2, v, vc, v_inner)):
+        if shape[0] != 1:
+            ctx.eq(ctx.ax_in(j, 0), b)
+        if len(shape) == 3:
+            ctx.eq(ctx.ax_in(j, 2), whole)
+        else:
+            ctx.eq(ctx.ax_in(j, 1), h)
+            ctx.eq(ctx.ax_in(j, 3), inner)
+    ctx.eq(ctx.ax_in(1, len(k) - 2), ctx.ax_in(2, len(v) - 2))  # key and value positions pair up
+    if ctx.has_input(3):
+        ctx.structure(ctx.ax_in(3, 0), "cat", [qk, qk, vc])
+    _fix_positional(ctx, 4, "key padding mask")
+    if ctx.has_input(5):
+        _attention_bias(ctx, 5, h, b)
+    _cache(ctx, 6, 1, b, h, qk_inner)
+    _cache(ctx, 7, 2, b, h, v_inner)
+    _fix_positional(ctx, 8, "past sequence length")
+    if ctx.has_output(3):
+        ctx.eq(ctx.ax_out(3, 1), h)
+
+
+@rule(MS + "GroupQueryAttention", heavy=True)
+def ms_group_query_attention(ctx: RuleContext) -> None:
+    """Query heads are kv heads x heads per group (head i reads kv head i // group); q and k share head_dim
+    (with RoPE inside, a frequency structure, see _rotary_inner); q | k | v may come packed in one input."""
+    if ctx.has_input(12) or ctx.has_input(13) or ctx.attr("k_quant_type", "NONE") not in ("NONE", b"NONE"):
+        ctx.refuse("GroupQueryAttention with a quantized KV cache is not supported", BEFORE_OPTIMIZER)
+    n, nkv = ctx.attr("num_heads", 0), ctx.attr("kv_num_heads", 0)
+    if not nkv or n % nkv:
+        ctx.refuse(f"num_heads {n} is not a multiple of kv_num_heads {nkv}", BEFORE_OPTIMIZER)
+    q = ctx.shape_in(0)
+    packed = not ctx.has_input(1)
+    hd = _heads(ctx, n + 2 * nkv if packed else n, q[2], "query")
+    b = ctx.ax_out(0, 0)
+    kvh = ctx.fresh(nkv)
+    qh = ctx.structure(None, "prod", [kvh, ctx.fresh(n // nkv)])
+    if ctx.attr("do_rotary", 0):
+        inner = _rotary_inner(ctx, hd, 7, 8, ctx.attr("rotary_interleaved", 0))
+    else:
+        inner = ctx.fresh(hd)
+        _fix_positional(ctx, 7, "unused rotary cache")
+        _fix_positional(ctx, 8, "unused rotary cache")
+    v_inner = ctx.fresh(hd)
+    qc = ctx.structure(None, "prod", [qh, inner])
+    kc = ctx.structure(None, "prod", [kvh, inner])
+    vc = ctx.structure(None, "prod", [kvh, v_inner])
+    if packed:
+        ctx.structure(ctx.ax_in(0, 2), "cat", [qc, kc, vc])
+    else:
+        for j, c in ((0, qc), (1, kc), (2, vc)):
+            ctx.eq(ctx.ax_in(j, 2), c)
+            _axes_pass(ctx, j, 0, [0, 1])
+    _axes_pass(ctx, 0, 0, [0, 1])
+    ctx.structure(ctx.ax_out(0, 2), "prod", [qh, v_inner])
+    _cache(ctx, 3, 1, b, kvh, inner)
+    _cache(ctx, 4, 2, b, kvh, v_inner)
+    for j in (5, 6, 9):
+        _fix_positional(ctx, j, "sequence lengths and positions")
+    if ctx.has_input(10):
+        _attention_bias(ctx, 10, qh, b)
+    if ctx.has_input(11):
+        ctx.eq(ctx.ax_in(11, 0), qh)
+    for j in (14, 15):
+        if ctx.has_input(j):
+            ctx.eq(ctx.ax_in(j, 0), inner)
+    if ctx.has_output(3):
+        ctx.eq(ctx.ax_out(3, 1), qh)
+
+
+def _rotary_embedding(ctx: RuleContext, x: int, pos: int, cos: int, sin: int) -> None:
+    """RoPE on [B,S,N*H] or [B,N,S,H]: whole heads permute freely; head_dim only by frequency (see
+    _rotary_inner), with the cos/sin caches' columns permuted to match."""
+    if ctx.attr("is_packed_batching", 0):
+        ctx.refuse("RotaryEmbedding with is_packed_batching=1 is not supported", BEFORE_OPTIMIZER)
+    shape = ctx.shape_in(x)
+    half = ctx.shape_in(cos)[-1]
+    rot = ctx.attr("rotary_embedding_dim", 0)
+    inter = ctx.attr("interleaved", 0)
+    for a in range(len(shape)):
+        ctx.eq(ctx.ax_in(x, a), ctx.ax_out(0, a))
+    if len(shape) == 4:
+        ctx.eq(ctx.ax_in(x, 3), _rotary_inner(ctx, shape[3], cos, sin, inter, rot))
+    else:
+        n = ctx.attr("num_heads", 0) or (shape[2] // (2 * half) if isinstance(shape[2], int) and half else 0)
+        hd = _heads(ctx, n, shape[2], "RotaryEmbedding input")
+        ctx.structure(ctx.ax_in(x, 2), "prod", [ctx.fresh(n), _rotary_inner(ctx, hd, cos, sin, inter, rot)])
+    _fix_positional(ctx, pos, "position ids")
+
+
+@rule(MS + "RotaryEmbedding")
+def ms_rotary_embedding(ctx: RuleContext) -> None:
+    _rotary_embedding(ctx, 0, 1, 2, 3)
+
+
+@rule("RotaryEmbedding")
+def rotary_embedding(ctx: RuleContext) -> None:
+    """ONNX's RotaryEmbedding (opset 23): the same op with inputs X, cos, sin, position_ids."""
+    _rotary_embedding(ctx, 0, 3, 1, 2)
+
+
+@rule(MS + "EmbedLayerNormalization", weights={2: (-1,), 3: (-1,), 4: (-1,)}, lifts={0: (2,), 1: (4,), 8: (3,)},
+      reads={1: (7,)})
+def ms_embed_layer_norm(ctx: RuleContext) -> None:
+    """word + position + segment embedding lookups, then LayerNorm: each table's rows are indexed by position
+    (pinned), its columns are the hidden space; the mask index (output 1) is a count of the public mask."""
+    d = ctx.ax_out(0, 2)
+    for j in (2, 3, 4):
+        if ctx.has_input(j):
+            ctx.fix(ctx.ax_in(j, 0), "embedding rows (looked up by id)")
+            ctx.eq(ctx.ax_in(j, 1), d)
+    for j in (5, 6):
+        if ctx.has_input(j):
+            broadcast_into(ctx, j)
+    for j in (0, 1, 8):
+        if ctx.has_input(j):
+            _axes_pass(ctx, j, 0, range(2))
+    _fix_positional(ctx, 7, "attention mask")
+    if ctx.has_output(1):
+        for a in range(len(ctx.shape_out(1))):
+            ctx.fix(ctx.ax_out(1, a), "mask index")
+    if ctx.has_output(2):
+        for a in range(3):
+            ctx.eq(ctx.ax_out(2, a), ctx.ax_out(0, a))
+
+
+@rule(MS + "MatMulNBits", heavy=True)
+def ms_matmul_nbits(ctx: RuleContext) -> None:
+    ctx.refuse("MatMulNBits (block-quantized weights) is not supported",
+               "compile the float model, then quantize the server graph of the bundle")
 
 
 def fallback(ctx: RuleContext) -> None:
@@ -484,5 +738,5 @@ def fallback(ctx: RuleContext) -> None:
 
 FALLBACK = OpContract(fallback)
 # Heavy ops without a permutation rule: the client still stops before them.
-for _op in ("Einsum", "Attention", MS + "MatMulNBits"):
+for _op in ("Einsum", "Attention"):
     OPS[_op] = OpContract(fallback, heavy=True)

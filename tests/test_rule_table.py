@@ -1,0 +1,205 @@
+"""The whole op table, one representative node per op: no rule may ignore an input axis.
+
+Why: a rule that forgets an input (FastGelu's bias sat in the one-input list) leaves that input in plaintext
+order while the tensor beside it is permuted, and the bundle is silently wrong. Every input axis of size > 1 must
+end up related to another tensor of the node (an output, or the input it is contracted with, directly or through
+a structure link) or pinned; axes a reduction deliberately leaves free are listed per case and must stay free.
+Adding an op to the table without a case here fails `test_every_op_has_a_case`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from stip.passes.graph import Graph
+from stip.passes.rules import ELEMENTWISE, MS, MS_ELEMENTWISE, MS_UNARY, OPS, REDUCE, UNARY, op_key
+from stip.passes.solve import Refused, RuleContext, Solver
+
+RNG = np.random.default_rng(0)
+
+
+def act(*shape):
+    return ("f", shape)
+
+
+def ids(*shape):
+    return ("i", shape)
+
+
+def flag(*shape):
+    return ("b", shape)
+
+
+def w(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def iconst(values):
+    return np.asarray(values, dtype=np.int64)
+
+
+@dataclass
+class Case:
+    inputs: list  # act/ids/flag spec, a numpy constant, or None for an absent optional input
+    outputs: list[tuple]
+    attrs: dict = field(default_factory=dict)
+    free: set[tuple[int, int]] = field(default_factory=set)  # (input, axis) an order-invariant op leaves free
+
+
+X = act(2, 3, 4)
+CASES: dict[str, Case] = {}
+for _op in UNARY + MS_UNARY + ["Softmax", "LogSoftmax"]:
+    CASES[_op] = Case([X], [(2, 3, 4)])
+for _op in ELEMENTWISE + MS_ELEMENTWISE:
+    CASES[_op] = Case([X, w(4)], [(2, 3, 4)])
+for _op in REDUCE:
+    CASES[_op] = Case([X], [(2, 3, 1)], {"axes": [2]}, free={(0, 2)})
+CASES.update({
+    "Dropout": Case([X], [(2, 3, 4), (2, 3, 4)]),
+    "CastLike": Case([X, act(5)], [(2, 3, 4)]),
+    "Where": Case([flag(2, 3, 4), X, act(1, 3, 4)], [(2, 3, 4)]),
+    "Clip": Case([X, np.float32(-1), np.float32(1)], [(2, 3, 4)]),
+    MS + "BiasAdd": Case([X, w(4), act(2, 3, 4)], [(2, 3, 4)]),
+    "Expand": Case([act(3, 1, 4), iconst([3, 2, 4])], [(3, 2, 4)]),
+    "LayerNormalization": Case([X, w(4), w(4)], [(2, 3, 4), (2, 3, 1), (2, 3, 1)]),
+    "SimplifiedLayerNormalization": Case([X, w(4)], [(2, 3, 4), (2, 3, 1)]),
+    "RMSNormalization": Case([X, w(4)], [(2, 3, 4)]),
+    MS + "SkipLayerNormalization": Case([X, X, w(4), w(4), w(4)], [(2, 3, 4), (2, 3, 1), (2, 3, 1), (2, 3, 4)]),
+    MS + "SkipSimplifiedLayerNormalization": Case([X, X, w(4), w(4)], [(2, 3, 4), (2, 3, 1), (2, 3, 1), (2, 3, 4)]),
+    "MatMul": Case([X, w(4, 5)], [(2, 3, 5)]),
+    "Gemm": Case([act(3, 4), w(5, 4), w(5)], [(3, 5)], {"transB": 1}),
+    "Transpose": Case([X], [(2, 4, 3)], {"perm": [0, 2, 1]}),
+    "Reshape": Case([act(2, 3, 8), iconst([2, 3, 2, 4])], [(2, 3, 2, 4)]),
+    "Flatten": Case([X], [(6, 4)], {"axis": 2}),
+    "Squeeze": Case([act(2, 1, 4), iconst([1])], [(2, 4)]),
+    "Unsqueeze": Case([act(2, 4), iconst([1])], [(2, 1, 4)]),
+    "Concat": Case([X, X], [(2, 3, 8)], {"axis": 2}),
+    "Split": Case([act(2, 3, 6), iconst([2, 4])], [(2, 3, 2), (2, 3, 4)], {"axis": 2}),
+    "Slice": Case([act(2, 3, 8), iconst([2]), iconst([6]), iconst([2])], [(2, 3, 4)]),
+    "Gather": Case([w(10, 4), ids(2, 3)], [(2, 3, 4)]),
+    "ArgMax": Case([X], [(2, 3)], {"axis": 2, "keepdims": 0}),
+    "ArgMin": Case([X], [(2, 3)], {"axis": 2, "keepdims": 0}),
+    "Conv": Case([act(2, 3, 8, 8), w(4, 3, 2, 2), w(4)], [(2, 4, 7, 7)]),
+    "Shape": Case([X], [(3,)]),
+    "Size": Case([X], [()]),
+    "Einsum": Case([X, w(4, 5)], [(2, 3, 5)], {"equation": "bsd,de->bse"}),
+    "Attention": Case([act(2, 2, 5, 4)] * 3, [(2, 2, 5, 4)]),
+    MS + "MatMulNBits": Case([act(2, 3, 8), iconst(np.zeros((4, 1, 4))), w(4)], [(2, 3, 4)],
+                             {"K": 8, "N": 4, "bits": 4, "block_size": 16}),
+    MS + "Attention": Case([act(2, 5, 8), w(8, 24), w(24), ids(2), None, act(1, 2, 5, 5)], [(2, 5, 8)],
+                           {"num_heads": 2}),
+    MS + "MultiHeadAttention": Case(
+        [act(2, 5, 8), act(2, 5, 8), act(2, 5, 8), w(24), ids(2, 5), act(1, 2, 5, 7), act(2, 2, 2, 4),
+         act(2, 2, 2, 4), ids(1)], [(2, 5, 8), (2, 2, 7, 4), (2, 2, 7, 4), (2, 2, 5, 7)], {"num_heads": 2}),
+    MS + "GroupQueryAttention": Case(
+        [act(2, 5, 8), act(2, 5, 4), act(2, 5, 4), act(2, 1, 3, 4), act(2, 1, 3, 4), ids(2), ids(), w(16, 2),
+         w(16, 2), ids(2, 5), act(2, 2, 5, 8), w(2), None, None, w(4), w(4)],
+        [(2, 5, 8), (2, 1, 8, 4), (2, 1, 8, 4), (2, 2, 5, 8)], {"num_heads": 2, "kv_num_heads": 1, "do_rotary": 1}),
+    MS + "RotaryEmbedding": Case([act(2, 5, 8), ids(2, 5), w(16, 2), w(16, 2)], [(2, 5, 8)], {"num_heads": 2}),
+    "RotaryEmbedding": Case([act(2, 2, 5, 4), w(16, 2), w(16, 2), ids(2, 5)], [(2, 2, 5, 4)]),
+    MS + "EmbedLayerNormalization": Case(
+        [ids(2, 5), ids(2, 5), w(10, 8), w(16, 8), w(2, 8), w(8), w(8), ids(2, 5), ids(2, 5)],
+        [(2, 5, 8), (2,), (2, 5, 8)]),
+})
+
+DTYPES = {"f": TensorProto.FLOAT, "i": TensorProto.INT64, "b": TensorProto.BOOL}
+
+
+def one_node_graph(key: str, case: Case) -> Graph:
+    domain, _, op = key.rpartition(":")
+    names, constants, shapes, dtypes = [], {}, {}, {}
+    for j, spec in enumerate(case.inputs):
+        if spec is None:
+            names.append("")
+            continue
+        name = f"in{j}"
+        names.append(name)
+        if isinstance(spec, tuple):
+            shapes[name], dtypes[name] = list(spec[1]), DTYPES[spec[0]]
+        else:
+            value = np.asarray(spec)
+            constants[name], shapes[name] = value, list(value.shape)
+            dtypes[name] = helper.np_dtype_to_tensor_dtype(value.dtype)
+    outs = [f"out{k}" for k in range(len(case.outputs))]
+    for o, shape in zip(outs, case.outputs):
+        shapes[o], dtypes[o] = list(shape), TensorProto.FLOAT
+    node = helper.make_node(op, names, outs, name=f"{op}_node", domain=domain, **case.attrs)
+    model = helper.make_model(helper.make_graph([node], "one", [], []))
+    g = Graph(model=model, path=Path("table.onnx"), constants=constants, shapes=shapes, dtypes=dtypes)
+    g.index()
+    return g
+
+
+def test_every_op_has_a_case():
+    assert sorted(set(OPS) - set(CASES)) == [], "add a case for every op registered in passes/rules.py"
+    assert sorted(set(CASES) - set(OPS)) == []
+
+
+def related(sp, c: int, own: str) -> bool:
+    """Is class c, or a class structure-linked to it, shared with an axis of another tensor of the node?"""
+    parents: dict[int, list[int]] = {}
+    for r in sp.roots():
+        for part in sp.link_of(r) or ():
+            parents.setdefault(part, []).append(r)
+    seen, stack = set(), [sp.find(c)]
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if any(key != own for key, _ in sp.info(x).members):
+            return True
+        stack += list(sp.link_of(x) or ()) + parents.get(x, [])
+    return False
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_rule_relates_every_input_axis(key):
+    case = CASES[key]
+    g = one_node_graph(key, case)
+    solver = Solver(g)
+    ctx = RuleContext(solver, 0)
+    assert op_key(ctx.node) == key
+    refused = False
+    try:
+        OPS[key].rule(ctx)
+    except Refused:
+        refused = True
+    sp = solver.spaces
+    reads = OPS[key].reads
+    for j, x in enumerate(ctx.node.input):
+        if not x or (reads and all(j not in reads.get(k, (j,)) for k in range(len(case.outputs)))):
+            continue  # absent, or only its shape or dtype is used
+        own = ctx.in_key(j)
+        for a, d in enumerate(g.shapes[x]):
+            if d == 1:
+                continue
+            if (j, a) in case.free:
+                assert not refused and not (sp.has((own, a)) and sp.info(sp.id((own, a))).fixed), \
+                    f"{key}: input {j} axis {a} should stay free"
+                continue
+            assert sp.has((own, a)), f"{key}: input {j} axis {a} never seen by the rule"
+            info = sp.info(sp.id((own, a)))
+            if refused:
+                assert info.fixed, f"{key}: refused, but input {j} axis {a} is not pinned"
+                continue
+            assert info.fixed or related(sp, sp.id((own, a)), own), \
+                f"{key}: input {j} axis {a} (size {d}) is ignored by the rule"
+
+
+def test_a_rule_that_ignores_an_input_is_caught(monkeypatch):
+    """The harness itself: the old FastGelu rule (the bias ignored) must fail it."""
+    from stip.passes import rules
+
+    def unary_only(ctx):
+        rules.broadcast_into(ctx, 0)
+
+    monkeypatch.setitem(OPS, MS + "FastGelu", rules.OpContract(unary_only))
+    with pytest.raises(AssertionError, match="input 1 axis 0"):
+        test_rule_relates_every_input_axis(MS + "FastGelu")
+
