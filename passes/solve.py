@@ -28,6 +28,7 @@ class Blocker:
     node: str
     op: str
     reason: str
+    refused: bool = False  # a rule refused the op (see RuleContext.refuse), rather than a conflict
 
     def __str__(self) -> str:
         return f"{self.op} node '{self.node}': {self.reason}"
@@ -195,7 +196,7 @@ class Solver:
                     blockers.append(Blocker(node.name or node.output[0], node.op_type,
                                             f"shape of tensor '{e.name}' is unknown"))
             except (SpaceConflict, Refused) as e:
-                blockers.append(Blocker(node.name or node.output[0], node.op_type, str(e)))
+                blockers.append(Blocker(node.name or node.output[0], node.op_type, str(e), isinstance(e, Refused)))
         for past, present in g.cache:  # the cache fed back must be in the basis the server wrote it in
             for a, (d1, d2) in enumerate(zip(g.shapes.get(past, []), g.shapes.get(present, []))):
                 if isinstance(d1, int) and d1 == d2 and d1 > 1:
@@ -470,6 +471,9 @@ def solve(g: Graph) -> Solution:
 
 def require_transformer(sol: Solution) -> None:
     """A graph with no permutable feature space has nothing STIP can protect."""
+    refused = [b for b in sol.blockers if b.refused]
+    if not sol.permuted and refused:  # the ops it refused may be all the weights there are
+        raise StipError(f"{sol.graph.path}: cannot place {refused[0]}")
     if not sol.permuted:
         raise StipError(f"{sol.graph.path}: no Transformer found: no weight feature axis can be permuted "
                         "(no MatMul/Gemm/Gather/Conv weights on a feature path)")
