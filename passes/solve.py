@@ -108,8 +108,8 @@ class RuleContext:
         return c
 
     def refuse(self, why: str, instead: str) -> None:
-        """This use of the op cannot be compiled exactly: stop with a blocker that names it and what to do."""
-        self.fix_all(why)
+        """This use of the op cannot be compiled exactly: stop with a blocker that names it and what to do
+        (the solver then pins every axis of the node)."""
         raise Refused(f"{why}; {instead}")
 
     def has_input(self, j: int) -> bool:
@@ -122,6 +122,16 @@ class RuleContext:
         if j < len(self.node.input) and self.node.input[j]:
             for a in range(len(self.shape_in(j))):
                 self.fix(self.ax_in(j, a), why)
+
+    def fix_known(self, why: str) -> None:
+        """Pin every axis of the node's tensors whose shapes are known."""
+        for j, x in enumerate(self.node.input):
+            if x and x in self.s.g.shapes:
+                self.fix_input(j, why)
+        for k, o in enumerate(self.node.output):
+            if o and o in self.s.g.shapes:
+                for a in range(len(self.shape_out(k))):
+                    self.fix(self.ax_out(k, a), why)
 
     def fix_all(self, why: str) -> None:
         for j in range(len(self.node.input)):
@@ -185,18 +195,10 @@ class Solver:
                 # A KV-cache input carries permuted heads and head dims; only its batch/length axes are pinned.
                 if name not in cache_inputs or not isinstance(d, int):
                     self.spaces.fix(self.axis(name, a, d), f"graph input '{name}'")
-        for idx, node in enumerate(g.model.graph.node):
-            ctx = RuleContext(self, idx)
-            try:
-                contract(node).rule(ctx)
-            except _NoShape as e:
-                try:
-                    ctx.fix_all(f"unknown shape of '{e.name}'")
-                except _NoShape:
-                    blockers.append(Blocker(node.name or node.output[0], node.op_type,
-                                            f"shape of tensor '{e.name}' is unknown"))
-            except (SpaceConflict, Refused) as e:
-                blockers.append(Blocker(node.name or node.output[0], node.op_type, str(e), isinstance(e, Refused)))
+        for idx in range(len(g.model.graph.node)):
+            blocker = self.apply(idx)
+            if blocker:
+                blockers.append(blocker)
         for past, present in g.cache:  # the cache fed back must be in the basis the server wrote it in
             for a, (d1, d2) in enumerate(zip(g.shapes.get(past, []), g.shapes.get(present, []))):
                 if isinstance(d1, int) and d1 == d2 and d1 > 1:
@@ -211,6 +213,25 @@ class Solver:
         dependent = self._dependent_inner(permuted)
         names = name_spaces(self, permuted, dependent)
         return Solution(g, self.spaces, names, sizes, dependent, blockers)
+
+    def apply(self, idx: int) -> Blocker | None:
+        """Run one node's rule; a refusal or a conflict becomes a blocker that names the node."""
+        node = self.g.model.graph.node[idx]
+        ctx = RuleContext(self, idx)
+        label = node.name or node.output[0]
+        try:
+            contract(node).rule(ctx)
+        except _NoShape as e:
+            try:
+                ctx.fix_all(f"unknown shape of '{e.name}'")
+            except _NoShape:
+                return Blocker(label, node.op_type, f"shape of tensor '{e.name}' is unknown")
+        except Refused as e:
+            ctx.fix_known(str(e))
+            return Blocker(label, node.op_type, str(e), refused=True)
+        except SpaceConflict as e:
+            return Blocker(label, node.op_type, str(e))
+        return None
 
     def _propagate_links(self) -> None:
         """A pinned structured axis pins its parts, and one whose parts are all pinned (or of size 1) is pinned."""

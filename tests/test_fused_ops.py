@@ -35,14 +35,14 @@ def const(name: str, value, dtype=np.int64) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
 
-def ms_model(nodes, outputs: dict[str, list], inits, extra_inputs=()) -> onnx.ModelProto:
+def ms_model(nodes, outputs: dict[str, list], inits, extra_inputs=(), opset: int = 17) -> onnx.ModelProto:
     """ids [B, S] -> Gather(table) -> h [B, S, D] -> nodes -> outputs, with the com.microsoft opset imported."""
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()]
     graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"), *nodes], "t",
                               [ids, *extra_inputs], outs, [weight("table", VOCAB, D, scale=1.0), *inits])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
-    m.ir_version = 8
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)])
+    m.ir_version = 8 if opset < 21 else 10
     return m
 
 
@@ -144,19 +144,25 @@ def test_group_query_attention(tmp_path, rotary, interleaved, packed):
         assert cos and not np.array_equal(numpy_helper.to_array(cos[0]), np.cos(angles))
 
 
-@pytest.mark.parametrize("interleaved", [0, 1])
-def test_rotary_embedding(tmp_path, interleaved):
-    """RotaryEmbedding on [B, S, heads*head_dim] with a position_ids input."""
+@pytest.mark.parametrize("domain,interleaved,rot", [(MS, 0, 0), (MS, 1, 0), (MS, 0, 4), ("", 0, 0), ("", 1, 4)],
+                         ids=["ms", "ms-interleaved", "ms-partial", "onnx23", "onnx23-interleaved-partial"])
+def test_rotary_embedding(tmp_path, domain, interleaved, rot):
+    """RotaryEmbedding on [B, S, heads*head_dim] with a position_ids input; partial: only the first `rot` of
+    each head's 8 dims rotate. onnxruntime's op and ONNX's (opset 23) take the same inputs in another order."""
     pos = helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["B", "S"])
     nodes, inits = projections(D)
-    nodes += [helper.make_node("RotaryEmbedding", ["p0", "position_ids", "cos", "sin"], ["r"], domain=MS,
-                               num_heads=HEADS, interleaved=interleaved),
+    inputs = ["p0", "position_ids", "cos", "sin"] if domain else ["p0", "cos", "sin", "position_ids"]
+    attrs = {"num_heads": HEADS, "interleaved": interleaved}
+    if rot:
+        attrs["rotary_embedding_dim"] = rot
+    nodes += [helper.make_node("RotaryEmbedding", inputs, ["r"], domain=domain, **attrs),
               helper.make_node("MatMul", ["r", "wo"], ["y"])]
-    angles = RNG.uniform(0, 6, (32, D // HEADS // 2)).astype(np.float32)
+    angles = RNG.uniform(0, 6, (32, (rot or D // HEADS) // 2)).astype(np.float32)
     inits += [numpy_helper.from_array(np.cos(angles), "cos"), numpy_helper.from_array(np.sin(angles), "sin"),
               weight("wo", D, 8)]
     f = {**feeds(2, 5), "position_ids": RNG.integers(0, 32, (2, 5))}
-    bundle = check_exact(tmp_path, ms_model(nodes, {"y": ["B", "S", 8]}, inits, [pos]), f)
+    m = ms_model(nodes, {"y": ["B", "S", 8]}, inits, [pos], opset=17 if domain else 23)
+    bundle = check_exact(tmp_path, m, f)
     cos = [t for t in bundle.server.graph.initializer if t.name.startswith("cos")]
     assert cos and not np.array_equal(numpy_helper.to_array(cos[0]), np.cos(angles))
 
@@ -177,6 +183,16 @@ def test_refused_variants_name_op_reason_and_remedy(tmp_path):
     msg = refusal(tmp_path, nodes, [weight("wqkv", D, 3 * D), weight("wo", D, 8)])
     assert "Attention node 'att'" in msg and "do_rotary=1 is not supported" in msg
     assert "before `onnxruntime.transformers.optimizer`" in msg
+
+    nodes, inits = projections(64, 32, 32)
+    nodes += [helper.make_node("GroupQueryAttention", ["p0", "p1", "p2", "", "", "seqlens", "total", "", "", "", "",
+                                                       "", "ks", "vs"], ["a"], name="gqa", domain=MS,
+                               num_heads=4, kv_num_heads=2),
+              helper.make_node("MatMul", ["a", "wo"], ["y"])]
+    inits += [const("seqlens", [4, 4], np.int32), const("total", 5, np.int32), weight("ks", 1), weight("vs", 1),
+              weight("wo", 64, 8)]
+    msg = refusal(tmp_path, nodes, inits)
+    assert "GroupQueryAttention node 'gqa'" in msg and "quantized KV cache" in msg
 
     nodes = [helper.make_node("MatMulNBits", ["h", "q", "s"], ["y"], name="mm4", domain=MS, K=D, N=8, bits=4,
                               block_size=16)]
