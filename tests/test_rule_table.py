@@ -49,6 +49,7 @@ class Case:
     outputs: list[tuple]
     attrs: dict = field(default_factory=dict)
     free: set[tuple[int, int]] = field(default_factory=set)  # (input, axis) an order-invariant op leaves free
+    refused: bool = False  # the rule must refuse this use (then it pins every axis)
 
 
 X = act(2, 3, 4)
@@ -90,7 +91,7 @@ CASES.update({
     "Einsum": Case([X, w(4, 5)], [(2, 3, 5)], {"equation": "bsd,de->bse"}),
     "Attention": Case([act(2, 2, 5, 4)] * 3, [(2, 2, 5, 4)]),
     MS + "MatMulNBits": Case([act(2, 3, 8), iconst(np.zeros((4, 1, 4))), w(4)], [(2, 3, 4)],
-                             {"K": 8, "N": 4, "bits": 4, "block_size": 16}),
+                             {"K": 8, "N": 4, "bits": 4, "block_size": 16}, refused=True),
     MS + "Attention": Case([act(2, 5, 8), w(8, 24), w(24), ids(2), None, act(1, 2, 5, 5)], [(2, 5, 8)],
                            {"num_heads": 2}),
     MS + "MultiHeadAttention": Case(
@@ -106,6 +107,29 @@ CASES.update({
         [ids(2, 5), ids(2, 5), w(10, 8), w(16, 8), w(2, 8), w(8), w(8), ids(2, 5), ids(2, 5)],
         [(2, 5, 8), (2,), (2, 5, 8)]),
 })
+
+# Further variants of the fused ops: other layouts, and uses the rules refuse (every axis must then be pinned).
+VARIANTS: list[tuple[str, Case]] = [
+    (MS + "Attention", Case([act(2, 5, 8), w(8, 20), w(20)], [(2, 5, 4)],
+                            {"num_heads": 2, "qkv_hidden_sizes": [8, 8, 4], "unidirectional": 1})),
+    (MS + "Attention", Case([act(2, 5, 8), w(8, 24), w(24), ids(2), act(2, 2, 2, 3, 4)], [(2, 5, 8), (2, 2, 2, 8, 4)],
+                            {"num_heads": 2}, refused=True)),
+    (MS + "Attention", Case([act(2, 5, 8), w(8, 24)], [(2, 5, 8)], {"num_heads": 2, "do_rotary": 1},
+                            refused=True)),
+    (MS + "MultiHeadAttention", Case([act(2, 5, 8), act(2, 2, 7, 4), act(2, 2, 7, 6)], [(2, 5, 12)],
+                                     {"num_heads": 2})),
+    (MS + "MultiHeadAttention", Case([act(2, 5, 2, 3, 4)], [(2, 5, 8)], {"num_heads": 2}, refused=True)),
+    (MS + "GroupQueryAttention", Case(
+        [act(2, 5, 16), None, None, act(2, 1, 3, 4), act(2, 1, 3, 4), ids(2), ids(), w(16, 2), w(16, 2)],
+        [(2, 5, 8), (2, 1, 8, 4), (2, 1, 8, 4)],
+        {"num_heads": 2, "kv_num_heads": 1, "do_rotary": 1, "rotary_interleaved": 1})),
+    (MS + "GroupQueryAttention", Case(
+        [act(2, 5, 8), act(2, 5, 4), act(2, 5, 4), None, None, ids(2), ids(), None, None, None, None, None, w(1),
+         w(1)], [(2, 5, 8)], {"num_heads": 2, "kv_num_heads": 1}, refused=True)),
+    (MS + "RotaryEmbedding", Case([act(2, 2, 5, 8), ids(2, 5), w(16, 2), w(16, 2)], [(2, 2, 5, 8)],
+                                  {"interleaved": 1, "rotary_embedding_dim": 4})),
+    (MS + "EmbedLayerNormalization", Case([ids(2, 5), None, w(10, 8), w(16, 8), None, w(8), w(8)], [(2, 5, 8)])),
+]
 
 DTYPES = {"f": TensorProto.FLOAT, "i": TensorProto.INT64, "b": TensorProto.BOOL}
 
@@ -158,9 +182,9 @@ def related(sp, c: int, own: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("key", sorted(CASES))
-def test_rule_relates_every_input_axis(key):
-    case = CASES[key]
+@pytest.mark.parametrize("key,case", sorted(CASES.items()) + VARIANTS,
+                         ids=[k for k in sorted(CASES)] + [f"{k}-variant{i}" for i, (k, _) in enumerate(VARIANTS)])
+def test_rule_relates_every_input_axis(key, case):
     g = one_node_graph(key, case)
     solver = Solver(g)
     ctx = RuleContext(solver, 0)
@@ -168,6 +192,7 @@ def test_rule_relates_every_input_axis(key):
     blocker = solver.apply(0)
     assert blocker is None or blocker.refused, blocker
     refused = blocker is not None
+    assert refused == case.refused, blocker
     sp = solver.spaces
     reads = OPS[key].reads
     for j, x in enumerate(ctx.node.input):
@@ -199,5 +224,5 @@ def test_a_rule_that_ignores_an_input_is_caught(monkeypatch):
 
     monkeypatch.setitem(OPS, MS + "FastGelu", rules.OpContract(unary_only))
     with pytest.raises(AssertionError, match="input 1 axis 0"):
-        test_rule_relates_every_input_axis(MS + "FastGelu")
+        test_rule_relates_every_input_axis(MS + "FastGelu", CASES[MS + "FastGelu"])
 
