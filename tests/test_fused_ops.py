@@ -265,18 +265,24 @@ class OptimizedZoo:
             self.cache[(name,)] = path
         return self.cache[(name,)]
 
-    def optimized(self, name: str, level: int, fp16: bool = False) -> Path:
-        key = (name, level, fp16)
+    def optimized(self, name: str, level: int, fp16: bool = False, **fusion) -> Path:
+        """The optimizer's output (num_heads/hidden_size of the tiny configs), with FusionOptions overrides."""
+        key = (name, level, fp16, *sorted(fusion.items()))
         if key not in self.cache:
+            from onnxruntime.transformers.fusion_options import FusionOptions
             from onnxruntime.transformers.optimizer import optimize_model
 
+            options = FusionOptions(OPT_MODELS[name][1])
+            for k, v in fusion.items():
+                setattr(options, k, v)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 m = optimize_model(str(self.export(name)), model_type=OPT_MODELS[name][1], num_heads=4,
-                                   hidden_size=32, opt_level=level)
+                                   hidden_size=32, opt_level=level, optimization_options=options)
                 if fp16:
                     m.convert_float_to_float16(keep_io_types=True)
-            path = self.root / f"{name}-O{level}{'-fp16' if fp16 else ''}.onnx"
+            tag = "".join(f"-{k}" for k in sorted(fusion))
+            path = self.root / f"{name}-O{level}{tag}{'-fp16' if fp16 else ''}.onnx"
             m.save_model_to_file(str(path))
             self.cache[key] = path
         return self.cache[key]
@@ -312,6 +318,15 @@ def test_optimized_export_compiles_exactly(opt_zoo, tmp_path, name, level):
     if "EmbedLayerNormalization" in EXPECTED[name]:  # the embedding tables lift the private ids: client side
         assert "EmbedLayerNormalization" in client and "EmbedLayerNormalization" not in server
     assert EXPECTED[name] - {"EmbedLayerNormalization"} <= server
+
+
+@pytest.mark.parametrize("option,fused", [("use_multi_head_attention", "MultiHeadAttention"),
+                                          ("use_raw_attention_mask", "Attention")])
+def test_optimizer_attention_options(opt_zoo, tmp_path, option, fused):
+    """The optimizer's other attention forms: MultiHeadAttention with a packed bias, a raw 2-D mask."""
+    path = opt_zoo.optimized("bert-eager", 1, **{option: True})
+    assert {fused, "EmbedLayerNormalization"} <= fused_ops(path)
+    check_bundle(path, tmp_path / "out", 1e-4)
 
 
 @pytest.mark.parametrize("name", ["bert-eager", "gpt2-cache", "vit", "llama"])
