@@ -89,9 +89,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     server = None
     if a.server:
-        from stip.runtime.remote import RemoteServer
+        from stip.runtime.remote import RemoteServer, read_token
 
-        server = RemoteServer(a.server, a.model_name)
+        server = RemoteServer(a.server, a.model_name, token=read_token(a.token_file), ca_cert=a.ca_cert)
     gen = StipGenerator(a.bundle, device=a.device, server=server)
     if (a.prompt is None) == (a.prompt_ids is None):
         raise StipError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -127,9 +127,10 @@ def cmd_run(a: argparse.Namespace) -> int:
             raise StipError(f"--input {item}: expected NAME=FILE.npy with an existing file")
         feeds[name] = np.load(path)
     if a.server:
-        from stip.runtime.remote import RemoteClient
+        from stip.runtime.remote import RemoteClient, read_token
 
-        outputs = RemoteClient(a.bundle, a.server, a.model_name).run(feeds)
+        outputs = RemoteClient(a.bundle, a.server, a.model_name, token=read_token(a.token_file),
+                               ca_cert=a.ca_cert).run(feeds)
     else:
         from stip.runtime.bundle import LocalDeployment
 
@@ -148,12 +149,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
     Binds 127.0.0.1 by default; SERVER may be the bundle's server/ directory or the bundle itself, and NAME=DIR
     (repeatable) serves several bundles from one process."""
     from stip.runtime.serve import Limits, serve
+    from stip.runtime.serve_limits import parse_size
 
     limits = Limits(max_batch=a.max_batch, max_seq=a.max_seq, max_request_bytes=a.max_request_bytes,
                     max_queue=a.max_queue, max_sequences=a.max_sequences, sequence_timeout=a.sequence_timeout,
-                    workers=a.workers)
+                    workers=a.workers, max_memory=parse_size(a.max_memory, "--max-memory"),
+                    max_json_response_bytes=parse_size(a.max_json_response_bytes, "--max-json-response-bytes"),
+                    max_buffered_bytes=parse_size(a.max_buffered_bytes, "--max-buffered-bytes"),
+                    max_connections=a.max_connections, header_timeout=a.header_timeout,
+                    body_timeout=a.body_timeout, keep_alive=a.keep_alive)
     return serve(a.server, host=a.host, port=a.port, device=a.device, model_name=a.model_name, limits=limits,
-                 threads=a.threads, io_binding=a.io_binding, log_level=a.log_level, access_log=a.access_log)
+                 threads=a.threads, io_binding=a.io_binding, log_level=a.log_level, access_log=a.access_log,
+                 auth_tokens=a.auth_tokens, tls_cert=a.tls_cert, tls_key=a.tls_key, allowed_hosts=a.allowed_hosts)
 
 
 def cmd_export_triton(a: argparse.Namespace) -> int:
@@ -222,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--server", metavar="URL", help="run the server graph remotely (stip serve / Triton), e.g. "
                     "http://127.0.0.1:8000; then BUNDLE may be just the client/ directory")
     gn.add_argument("--model-name", default="stip", help="model name on the server (default: stip)")
+    gn.add_argument("--token-file", metavar="FILE",
+                    help="a file holding the bearer token for a server started with --auth-tokens")
+    gn.add_argument("--ca-cert", metavar="PEM", help="CA certificate to trust for an https:// --server")
 
     rn = add("run", cmd_run)
     rn.add_argument("bundle", help="bundle directory (or its client/ directory with --server)")
@@ -231,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("-o", "--output", metavar="FILE.npz", help="write the outputs here")
     rn.add_argument("--server", metavar="URL", help="run the server graph remotely, e.g. http://127.0.0.1:8000")
     rn.add_argument("--model-name", default="stip", help="model name on the server (default: stip)")
+    rn.add_argument("--token-file", metavar="FILE",
+                    help="a file holding the bearer token for a server started with --auth-tokens")
+    rn.add_argument("--ca-cert", metavar="PEM", help="CA certificate to trust for an https:// --server")
     rn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     v = add("verify", cmd_verify)
@@ -270,6 +283,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="free a sequence idle this long (default 300)")
     sv.add_argument("--io-binding", choices=["auto", "on", "off"], default="auto",
                     help="keep KV caches on the device with ORT IO binding (auto: on CUDA)")
+    sv.add_argument("--max-memory", default="4GiB", metavar="SIZE",
+                    help="memory budget for request activations, responses and every live KV cache, estimated "
+                    "from the graph before each request runs: 413 if a request can never fit, 503 while the budget "
+                    "is in use (default 4GiB; the loaded model is not counted)")
+    sv.add_argument("--max-json-response-bytes", default="16MiB", metavar="SIZE",
+                    help="largest JSON response (binary outputs are not capped by this; default 16MiB)")
+    sv.add_argument("--max-buffered-bytes", default="256MiB", metavar="SIZE",
+                    help="request bodies being received, all connections together; 503 beyond (default 256MiB)")
+    sv.add_argument("--max-connections", type=int, default=256,
+                    help="open connections; more are answered 503 and closed (default 256)")
+    sv.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="close a connection whose request headers take longer (default 10)")
+    sv.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                    help="answer 408 to a request whose body takes longer (default 60)")
+    sv.add_argument("--keep-alive", type=float, default=5.0, metavar="SECONDS",
+                    help="close an idle keep-alive connection after this long (default 5)")
+    sv.add_argument("--auth-tokens", metavar="FILE",
+                    help="require 'Authorization: Bearer TOKEN'; FILE holds 'NAME TOKEN' lines and is re-read when "
+                    "it changes. Sequences belong to the NAME that started them")
+    sv.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (with --tls-key)")
+    sv.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    sv.add_argument("--allowed-hosts", action="append", metavar="HOST[,HOST]",
+                    help="Host header values to accept besides localhost, 127.0.0.1 and [::1] (DNS rebinding "
+                    "defence; default: also the --host address; '*' accepts any)")
     sv.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     sv.add_argument("--access-log", action="store_true", help="log every HTTP request")
 

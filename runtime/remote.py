@@ -28,20 +28,46 @@ def _host_port(url: str) -> tuple[str, bool]:
     return f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}", u.scheme == "https"
 
 
-class RemoteServer:
-    """A remote server graph with the same interface as stip.runtime.bundle.Server (run, sequence, key_id)."""
+def read_token(path: str | Path | None) -> str | None:
+    """The bearer token in a file (its only non-blank line), for --token-file; None without a file."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise StipError(f"--token-file {p}: cannot read it ({e})") from None
+    if len(lines) != 1 or len(lines[0].split()) != 1:
+        raise StipError(f"--token-file {p}: expected one line holding the token only")
+    return lines[0]
 
-    def __init__(self, url: str, model_name: str = "stip", timeout: float = 60.0):
+
+class RemoteServer:
+    """A remote server graph with the same interface as stip.runtime.bundle.Server (run, sequence, key_id).
+
+    token: sent as `Authorization: Bearer TOKEN` on every request (stip serve --auth-tokens). ca_cert: a PEM file of
+    the CA that signed an https:// server's certificate (e.g. a self-signed one), instead of the system's CAs."""
+
+    def __init__(self, url: str, model_name: str = "stip", timeout: float = 60.0, token: str | None = None,
+                 ca_cert: str | Path | None = None):
         import tritonclient.http as http
 
         self.http = http
         self.url, self.model_name = url, model_name
         self.where = f"{url} model '{model_name}'"
         hostport, ssl = _host_port(url)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else None
+        options = {}
+        if ca_cert is not None:
+            if not ssl:
+                raise StipError(f"--ca-cert is for an https:// server, not {url}")
+            if not Path(ca_cert).is_file():
+                raise StipError(f"--ca-cert {ca_cert}: no such file")
+            options["ssl_options"] = {"ca_certs": str(ca_cert)}
         self.client = http.InferenceServerClient(hostport, ssl=ssl, connection_timeout=timeout,
-                                                 network_timeout=timeout)
+                                                 network_timeout=timeout, **options)
         try:
-            meta = self.client.get_model_metadata(model_name)
+            meta = self.client.get_model_metadata(model_name, headers=self.headers)
         except Exception as e:  # connection refused, 404, ...
             raise StipError(f"{self.where}: cannot get model metadata ({str(e).splitlines()[0][:160]})") from None
         self.key_id = meta.get("parameters", {}).get(KEY_ID_PARAMETER) or self._key_id_from_config()
@@ -54,7 +80,7 @@ class RemoteServer:
     def _key_id_from_config(self) -> str | None:
         """Triton's model metadata has no parameters; its model config does (written by stip export-triton)."""
         try:
-            config = self.client.get_model_config(self.model_name)
+            config = self.client.get_model_config(self.model_name, headers=self.headers)
         except Exception:  # noqa: BLE001 - no config endpoint: no key id
             return None
         return config.get("parameters", {}).get(KEY_ID_PARAMETER, {}).get("string_value")
@@ -69,13 +95,18 @@ class RemoteServer:
             inputs.append(inp)
         outputs = [self.http.InferRequestedOutput(n, binary_data=True) for n in self.output_names]
         try:
-            result = self.client.infer(self.model_name, inputs, outputs=outputs, **(sequence or {}))
+            result = self.client.infer(self.model_name, inputs, outputs=outputs, headers=self.headers,
+                                       **(sequence or {}))
         except Exception as e:
             raise StipError(f"{self.where}: inference failed: {str(e).splitlines()[0][:200]}") from None
         return {n: result.as_numpy(n) for n in self.output_names}
 
     def sequence(self, steps: int | None = None, batch: int = 1) -> RemoteSequence:
         return RemoteSequence(self, steps)
+
+    def end_sequence(self, sequence_id: int) -> None:
+        """Free a sequence on the server now (stip serve: a request without inputs and with sequence_end)."""
+        self.client.infer(self.model_name, [], headers=self.headers, sequence_id=sequence_id, sequence_end=True)
 
     def close(self) -> None:
         self.client.close()
@@ -87,27 +118,38 @@ class RemoteSequence:
 
     def __init__(self, server: RemoteServer, steps: int | None):
         self.server = server
-        self.id = secrets.randbits(63) or 1
+        # 63 random bits with the top bit set: never below 2**32, which a server without authentication refuses
+        self.id = secrets.randbits(63) | (1 << 63)
         self.steps = steps
         self.done = 0
+        self.ended = False
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         params = {"sequence_id": self.id, "sequence_start": self.done == 0,
                   "sequence_end": self.steps is not None and self.done + 1 >= self.steps}
         out = self.server.run(feeds, params)
         self.done += 1
+        self.ended = params["sequence_end"]
         return out
 
     def close(self) -> None:
-        """Nothing to send: an unfinished sequence is freed by the server's idle timeout."""
+        """End an unfinished sequence at once, so that its cache and slot are freed now, not at the idle timeout.
+        Best effort: a server that cannot end it (Triton, a lost connection) frees it at its idle timeout."""
+        if self.done and not self.ended:
+            self.ended = True
+            try:
+                self.server.end_sequence(self.id)
+            except Exception:  # noqa: BLE001 - closing must not mask the error that made the caller stop
+                pass
 
 
 class RemoteClient:
     """A user with a client bundle and a server URL; the key id is checked when connecting."""
 
-    def __init__(self, bundle_client_dir: str | Path, url: str, model_name: str = "stip"):
+    def __init__(self, bundle_client_dir: str | Path, url: str, model_name: str = "stip", token: str | None = None,
+                 ca_cert: str | Path | None = None):
         self.client = Client(find_client_dir(bundle_client_dir), device="cpu")
-        self.server = RemoteServer(url, model_name)
+        self.server = RemoteServer(url, model_name, token=token, ca_cert=ca_cert)
         self.client.check_server(self.server.key_id, self.server.where)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -34,9 +34,12 @@ def providers_for(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(model: str | Path | bytes, device: str = "auto", threads: int = 0) -> ort.InferenceSession:
+def make_session(model: str | Path | bytes, device: str = "auto", threads: int = 0,
+                 arena: bool = True) -> ort.InferenceSession:
+    """arena=False returns a run's host memory when it ends (the server's memory budget relies on it)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = arena
     if threads:
         so.intra_op_num_threads = threads
     src = model if isinstance(model, bytes) else str(model)

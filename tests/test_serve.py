@@ -29,6 +29,7 @@ from stip.runtime.cache import CachedSession
 LIMIT_BYTES = 4 << 20
 MAX_BATCH, MAX_SEQ = 8, 64
 HEADER = "Inference-Header-Content-Length"
+BIG = 1 << 40  # sequence ids: a server without --auth-tokens refuses ids below 2**32
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,7 +309,7 @@ def test_sequence_equals_in_process(main_server, bundles, model):
     url = main_server.url
     client = th.InferenceServerClient(url[len("http://"):])
     base = metric(url, "stip_live_sequences", model=model)
-    sid = 7001 if model == "gpt2" else "llama-session-1"
+    sid = (1 << 40) + 7001 if model == "gpt2" else "llama-session-000001"
     for k, (to_server, server_out) in enumerate(steps):
         if k == 3:  # a bad step: wrong dtype; the cache must not move
             bad = {n: (a.astype(np.float64) if a.dtype == np.float32 else a) for n, a in to_server.items()}
@@ -385,7 +386,7 @@ def _bad_requests(ref: Server, llama: Server) -> list[tuple[str, int, dict]]:
         ("unknown model", 404, {"json": good, "path": "/v2/models/nope/infer"}),
         ("unknown version", 404, {"json": good, "path": "/v2/models/bert/versions/2/infer"}),
         ("unknown endpoint", 404, {"json": good, "path": "/v2/models/bert/explode"}),
-        ("unknown sequence id", 400, {"json": json_request(decoder_feeds(llama), sequence_id=99),
+        ("unknown sequence id", 400, {"json": json_request(decoder_feeds(llama), sequence_id=BIG + 99),
                                       "path": "/v2/models/llama/infer"}),
     ]
 
@@ -428,7 +429,7 @@ def test_bad_requests_get_4xx_and_the_server_stays_correct(main_server, bundles,
         shape_in = next(n for n in to_server if "Shape" in n)
         to_server[shape_in] = np.array([1, 999], np.int64)
         live = metric(url, "stip_live_sequences", model="gpt2")
-        for params in ({}, {"sequence_id": 12, "sequence_start": True}):
+        for params in ({}, {"sequence_id": BIG + 12, "sequence_start": True}):
             r = http.post(url + "/v2/models/gpt2/infer", json=json_request(to_server, **params))
             assert r.status_code == 400 and "model rejected" in r.json()["error"], r.text
         assert metric(url, "stip_live_sequences", model="gpt2") == live and main_server.alive()
@@ -462,18 +463,18 @@ def test_cap_idle_timeout_and_io_binding(tight_server, bundles, tmp_path):
         r = client.infer("stip", triton_inputs(steps[k][0]), sequence_id=sid, **kw)
         np.testing.assert_array_equal(r.as_numpy("logits.stip_server"), steps[k][1]["logits.stip_server"])
 
-    step(1, 0, sequence_start=True)
-    step(2, 0, sequence_start=True)
+    step(BIG + 1, 0, sequence_start=True)
+    step(BIG + 2, 0, sequence_start=True)
     with pytest.raises(InferenceServerException, match="too many live sequences") as e:
-        client.infer("stip", triton_inputs(steps[0][0]), sequence_id=3, sequence_start=True)
+        client.infer("stip", triton_inputs(steps[0][0]), sequence_id=BIG + 3, sequence_start=True)
     assert e.value.status() == "429"
     for k in (1, 2):
-        step(1, k)
-        step(2, k)
-    step(2, 3, sequence_end=True)
-    step(3, 0, sequence_start=True)
-    step(1, 3, sequence_end=True)
-    step(3, 1, sequence_end=True)
+        step(BIG + 1, k)
+        step(BIG + 2, k)
+    step(BIG + 2, 3, sequence_end=True)
+    step(BIG + 3, 0, sequence_start=True)
+    step(BIG + 1, 3, sequence_end=True)
+    step(BIG + 3, 1, sequence_end=True)
     assert metric(url, "stip_live_sequences", model="stip") == 0
 
     # a client process that starts a sequence and is killed mid-generation
@@ -486,7 +487,8 @@ def test_cap_idle_timeout_and_io_binding(tight_server, bundles, tmp_path):
         ins = []
         for n, a in f.items():
             i = th.InferInput(n, list(a.shape), np_to_triton_dtype(a.dtype)); i.set_data_from_numpy(a); ins.append(i)
-        th.InferenceServerClient({url[len("http://"):]!r}).infer("stip", ins, sequence_id="doomed", sequence_start=True)
+        th.InferenceServerClient({url[len("http://"):]!r}).infer("stip", ins, sequence_id="doomed-sequence-0001",
+                                                                 sequence_start=True)
         print("started", flush=True)
         time.sleep(60)
     """)
@@ -505,7 +507,7 @@ def test_cap_idle_timeout_and_io_binding(tight_server, bundles, tmp_path):
     assert metric(url, "stip_live_sequences", model="stip") == 0
     assert metric(url, "stip_sequences_expired_total", model="stip") == expired + 1
     with pytest.raises(InferenceServerException, match="unknown sequence id"):
-        client.infer("stip", triton_inputs(steps[1][0]), sequence_id="doomed")
+        client.infer("stip", triton_inputs(steps[1][0]), sequence_id="doomed-sequence-0001")
 
 
 def test_full_queue_gets_503_at_once(tight_server, refs):
@@ -572,7 +574,8 @@ def test_load_32_clients_x_50_requests(main_server, bundles, refs):
                 else:
                     steps = seqs[kind]
                     j = k % len(steps)
-                    r = cli.infer(kind, triton_inputs(steps[j][0], binary), sequence_id=c * 1000 + k // len(steps),
+                    sid = BIG + c * 1000 + k // len(steps)
+                    r = cli.infer(kind, triton_inputs(steps[j][0], binary), sequence_id=sid,
                                   sequence_start=j == 0, sequence_end=j == len(steps) - 1)
                     got, want = r.as_numpy("logits.stip_server"), steps[j][1]["logits.stip_server"]
                 dt = time.perf_counter() - t0

@@ -1,0 +1,264 @@
+"""The routes of `stip serve` (KServe v2 / Open Inference Protocol), /metrics, the worker pool and the sequence
+reaper, assembled into one ASGI app. Inference work (decompression, JSON parsing, ONNX Runtime, encoding) runs in
+the worker pool, so a large body never blocks the event loop and health checks stay fast."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+import zlib
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from stip.runtime.serve_http import (
+    OWNER,
+    Guard,
+    MetricsMiddleware,
+    error_body,
+    read_body,
+)
+from stip.runtime.serve_limits import BufferBudget, Limits, MemoryBudget
+from stip.runtime.serve_model import Model
+from stip.runtime.serve_protocol import HEADER_LENGTH, MODEL_VERSION, RequestError
+
+log = logging.getLogger("stip.serve")
+
+SERVER_NAME = "stip"
+JSON_PARSE_FACTOR = 4
+EXTENSIONS = ["binary_tensor_data", "sequence", "model_configuration", "model_repository"]
+
+
+@dataclass
+class PoolState:
+    waiting: int = 0
+    running: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Metrics:
+    def __init__(self, models: dict[str, Model], pool_state: PoolState, budget: MemoryBudget):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("stip_requests", "HTTP requests by model, endpoint and status",
+                                ["model", "endpoint", "status"], registry=self.registry)
+        buckets = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30)
+        self.latency = Histogram("stip_request_duration_seconds", "HTTP request latency (receive to response)",
+                                 ["model", "endpoint"], buckets=buckets, registry=self.registry)
+        self.compute = Histogram("stip_inference_duration_seconds", "time in a worker: parse, ONNX Runtime, encode",
+                                 ["model"], buckets=buckets, registry=self.registry)
+        live = Gauge("stip_live_sequences", "live generation sequences (server-held KV caches)", ["model"],
+                     registry=self.registry)
+        for m in models.values():
+            live.labels(model=m.name).set_function(lambda m=m: len(m.sequences))
+        self.expired = Counter("stip_sequences_expired", "sequences freed by the idle timeout", ["model"],
+                               registry=self.registry)
+        Gauge("stip_queue_depth", "inference requests waiting for a worker", registry=self.registry) \
+            .set_function(lambda: pool_state.waiting)
+        Gauge("stip_inflight_requests", "inference requests running in a worker", registry=self.registry) \
+            .set_function(lambda: pool_state.running)
+        Gauge("stip_memory_budget_used_bytes", "bytes of --max-memory reserved by requests and held by KV caches",
+              registry=self.registry).set_function(lambda: budget.used)
+        self.rejected = Counter("stip_rejected_requests", "inference requests refused because the queue was full",
+                                ["model"], registry=self.registry)
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return body
+    too_big = RequestError(413, f"request body over the server's limit of {limit} bytes (--max-request-bytes)")
+    d = zlib.decompressobj(31 if enc == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise RequestError(400, f"the {enc} request body is corrupt: {e}")
+    if len(out) > limit or d.unconsumed_tail:
+        raise too_big
+    if not d.eof:
+        raise RequestError(400, f"the {enc} request body is truncated")
+    return out
+
+
+def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: set[str] | None = None,
+              budget: MemoryBudget | None = None):
+    """The ASGI app: OIP endpoints for `models`, /metrics (behind the same auth), and the sequence reaper."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    by_name = {m.name: m for m in models}
+    budget = budget or (models[0].budget if models else MemoryBudget(limits.max_memory))
+    buffers = BufferBudget(limits.max_buffered_bytes)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="stip-ort")
+    state = PoolState()
+    metrics = Metrics(by_name, state, budget)
+    stopping = threading.Event()
+    authenticated = tokens is not None
+
+    async def reaper():
+        interval = max(0.05, min(1.0, limits.sequence_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for m in models:
+                freed = m.sequences.reap(now)
+                if freed:
+                    metrics.expired.labels(m.name).inc(freed)
+                    log.info("model '%s': freed %d idle sequence(s)", m.name, freed)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        task = asyncio.create_task(reaper())
+        try:
+            yield
+        finally:
+            stopping.set()
+            task.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="stip", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc):
+        msg = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(exc.status_code,
+                                                                                       str(exc.detail))
+        return error_body(exc.status_code, f"{msg}: {_request.method} {_request.url.path[:100]}")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc):
+        return error_body(400, f"bad request: {' '.join(str(exc).split())[:200]}")
+
+    @app.exception_handler(RequestError)
+    async def request_error(_request, exc: RequestError):
+        return error_body(exc.status, exc.message, exc.headers)
+
+    def model_or_404(name: str, version: str | None) -> Model:
+        m = by_name.get(name)
+        if m is None:
+            raise RequestError(404, f"unknown model '{name[:100]}'; this server has "
+                               + ", ".join(f"'{n}'" for n in by_name))
+        if version not in (None, "", MODEL_VERSION):
+            raise RequestError(404, f"unknown version '{version[:100]}' of model '{name}'; it has version "
+                               f"{MODEL_VERSION}")
+        return m
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        if stopping.is_set():
+            return JSONResponse({"ready": False}, status_code=503)
+        return {"ready": True}
+
+    @app.get("/v2")
+    async def server_metadata():
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("stip")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            v = "0"
+        return {"name": SERVER_NAME, "version": v, "extensions": EXTENSIONS}
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None):
+        return model_or_404(name, version).metadata()
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None):
+        m = model_or_404(name, version)
+        return {"name": m.name, "version": MODEL_VERSION, "ready": True}
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None):
+        return model_or_404(name, version).config()
+
+    @app.post("/v2/repository/index")
+    async def repository_index():
+        return [{"name": m.name, "version": MODEL_VERSION, "state": "READY"} for m in models]
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def work(m: Model, body: bytes, encoding: str, header_length: str | None, owner: str):
+        with state.lock:
+            state.waiting -= 1
+            state.running += 1
+        t0 = time.perf_counter()
+        try:
+            # the decoded body, and for JSON its Python objects (about 4 bytes of heap per byte of JSON text),
+            # are charged to the memory budget before decompressing or parsing
+            size = len(body) if encoding.strip().lower() in ("", "identity") else limits.max_request_bytes
+            reserved = budget.reserve(size * (1 if header_length else 1 + JSON_PARSE_FACTOR))
+            try:
+                raw = decompress(body, encoding, limits.max_request_bytes)
+                return m.handle(raw, header_length, owner, authenticated)
+            finally:
+                budget.release(reserved)
+        except RecursionError:
+            raise RequestError(400, "the request is nested too deeply")
+        finally:
+            metrics.compute.labels(m.name).observe(time.perf_counter() - t0)
+            with state.lock:
+                state.running -= 1
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None):
+        m = model_or_404(name, version)
+        encoding = request.headers.get("content-encoding", "")
+        if encoding.strip().lower() not in ("", "identity", "gzip", "deflate"):
+            raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported (gzip, deflate)")
+        body, buffered = await read_body(request, limits.max_request_bytes, buffers, limits.body_timeout)
+        try:
+            with state.lock:
+                if state.waiting + state.running >= limits.workers + limits.max_queue:
+                    metrics.rejected.labels(m.name).inc()
+                    raise RequestError(503, f"server busy: {state.waiting} requests queued (--max-queue "
+                                       f"{limits.max_queue}); retry later", {"Retry-After": "1"})
+                state.waiting += 1
+
+            def unqueue() -> None:
+                with state.lock:
+                    state.waiting -= 1
+
+            try:
+                fut = pool.submit(work, m, body, encoding, request.headers.get(HEADER_LENGTH),
+                                  request.scope.get(OWNER, ""))
+            except RuntimeError:  # the pool is shut down: the server is stopping
+                unqueue()
+                raise RequestError(503, "server is shutting down")
+            # a request cancelled before a worker took it (client gone, shutdown) gives its queue place back
+            fut.add_done_callback(lambda f: unqueue() if f.cancelled() else None)
+            del body
+            try:
+                content, header_len = await asyncio.wrap_future(fut)
+            except RequestError:
+                raise
+            except MemoryError:
+                log.error("model '%s': out of memory; lower --max-memory", m.name)
+                return error_body(503, "the server ran out of memory for this request; retry later")
+            except Exception as e:  # a bug, not the request's fault: 500, logged, and the server keeps serving
+                log.exception("model '%s': inference failed", m.name)
+                return error_body(500, f"internal error: {type(e).__name__}")
+        finally:
+            buffers.give(buffered)
+        if header_len is None:
+            return Response(content, media_type="application/json")
+        return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len)})
+
+    return MetricsMiddleware(Guard(app, allowed_hosts, tokens), metrics, by_name)
