@@ -24,7 +24,7 @@ from stip.runtime.serve_http import (
 )
 from stip.runtime.serve_limits import BufferBudget, Limits, MemoryBudget
 from stip.runtime.serve_model import Model
-from stip.runtime.serve_protocol import HEADER_LENGTH, MODEL_VERSION, RequestError
+from stip.runtime.serve_protocol import HEADER_LENGTH, MODEL_VERSION, RequestError, parse_request
 
 log = logging.getLogger("stip.serve")
 
@@ -68,6 +68,47 @@ class Metrics:
                                 ["model"], registry=self.registry)
 
 
+class ParserProcess:
+    """Parses large JSON requests in a child process: json.loads and numpy's list conversion hold the GIL for the
+    whole parse (about a second for 20 MiB), which in a thread would still stall the event loop and every health
+    check. Small requests are parsed in the worker thread, where a child's round trip would cost more."""
+
+    THRESHOLD = 1 << 20   # bytes of JSON text
+
+    def __init__(self):
+        self.pool = None
+        self.lock = threading.Lock()
+
+    def _pool(self):
+        import multiprocessing
+
+        with self.lock:
+            if self.pool is None:
+                self.pool = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            return self.pool
+
+    def start(self) -> None:
+        self._pool().submit(int).result(timeout=60)  # spawn it now, not on the first large request
+
+    def parse(self, sig, body: bytes, header_length: str | None):
+        json_part = int(header_length) if header_length and header_length.isdigit() else len(body)
+        if json_part < self.THRESHOLD:
+            return None
+        try:
+            return self._pool().submit(parse_request, sig, body, header_length).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            with self.lock:
+                self.pool = None
+            raise RequestError(503, "the request parser was restarted (out of memory?); retry later")
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = None
+
+
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     enc = encoding.strip().lower()
     if enc in ("", "identity"):
@@ -102,6 +143,7 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
     metrics = Metrics(by_name, state, budget)
     stopping = threading.Event()
     authenticated = tokens is not None
+    parser = ParserProcess()
 
     async def reaper():
         interval = max(0.05, min(1.0, limits.sequence_timeout / 4))
@@ -116,6 +158,7 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
 
     @asynccontextmanager
     async def lifespan(_app):
+        await asyncio.get_running_loop().run_in_executor(None, parser.start)
         task = asyncio.create_task(reaper())
         try:
             yield
@@ -123,6 +166,7 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
             stopping.set()
             task.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
+            parser.stop()
 
     app = FastAPI(title="stip", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -206,7 +250,7 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
             reserved = budget.reserve(size * (1 if header_length else 1 + JSON_PARSE_FACTOR))
             try:
                 raw = decompress(body, encoding, limits.max_request_bytes)
-                return m.handle(raw, header_length, owner, authenticated)
+                return m.handle(raw, header_length, owner, authenticated, parser.parse(m.sig, raw, header_length))
             finally:
                 budget.release(reserved)
         except RecursionError:

@@ -140,24 +140,28 @@ class Model:
                 if isinstance(sym, str) and sym not in values:
                     values[sym] = p.batch if a == 0 else past
         if self.memory is not None:
-            activations = self.memory.peak(values)
+            activations, out_bytes = self.memory.sizes(values)
         else:
-            activations = 64 * feeds_bytes + self.cache_bytes(p.batch, past + 1) * 2
-        out_values = self._output_values(values)
-        json_values = sum(out_values[n] for n, binary in p.outputs if not binary)
-        response = sum(out_values[n] * self.output_by_name[n].dtype.itemsize for n, _ in p.outputs)
-        return feeds_bytes + activations + response + json_values * JSON_HEAP_PER_VALUE
-
-    def _output_values(self, values: dict[str, int]) -> dict[str, int]:
+            activations, out_bytes = 64 * feeds_bytes + self.cache_bytes(p.batch, past + 1) * 2, {}
         default = max(values.values(), default=1)
-        return {o.name: math.prod(d if isinstance(d, int) and d >= 0 else values.get(d, default) for d in o.shape)
-                for o in self.outputs}
+        response = json_values = 0
+        for n, binary in p.outputs:
+            spec = self.output_by_name[n]
+            size = out_bytes.get(n) or spec.dtype.itemsize * math.prod(
+                d if isinstance(d, int) and d >= 0 else values.get(d, default) for d in spec.shape)
+            response += size
+            json_values += 0 if binary else size // spec.dtype.itemsize
+        if json_values > self.sig.max_json_values:  # refused before running, not after
+            raise RequestError(413, f"the JSON response would hold about {json_values} values, over the server's "
+                               f"limit of {self.sig.max_json_values} (--max-json-response-bytes); ask for binary "
+                               "outputs (parameters.binary_data_output: true, the binary tensor extension)")
+        return feeds_bytes + activations + response + json_values * JSON_HEAP_PER_VALUE
 
     # ---- one request, in a worker thread ----
 
-    def handle(self, body: bytes, header_length: str | None, owner: str, authenticated: bool
-               ) -> tuple[bytes, int | None]:
-        p, params = parse_request(self.sig, body, header_length)
+    def handle(self, body: bytes, header_length: str | None, owner: str, authenticated: bool,
+               parsed: tuple[Parsed, dict] | None = None) -> tuple[bytes, int | None]:
+        p, params = parsed or parse_request(self.sig, body, header_length)
         sequence_params(params, p)
         if not p.feeds:  # end a sequence without a step; the same answer whether or not it was live
             if p.sequence_id is None:

@@ -49,6 +49,9 @@ class RequestError(Exception):
         self.message = message
         self.headers = headers or {}
 
+    def __reduce__(self):  # raised in the JSON parser process, re-raised here
+        return RequestError, (self.status, self.message, self.headers)
+
 
 @dataclass
 class TensorSpec:

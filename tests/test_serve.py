@@ -8,7 +8,6 @@ import gzip
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -20,16 +19,23 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as th
+from serve_helpers import (
+    BIG,
+    HEADER,
+    ServerProcess,
+    bert_feeds,
+    binary_request,
+    decode_response,
+    decoder_steps,
+    json_request,
+)
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from stip.compiler.pipeline import compile_model
-from stip.runtime.bundle import Client, Server
-from stip.runtime.cache import CachedSession
+from stip.runtime.bundle import Server
 
 LIMIT_BYTES = 4 << 20
 MAX_BATCH, MAX_SEQ = 8, 64
-HEADER = "Inference-Header-Content-Length"
-BIG = 1 << 40  # sequence ids: a server without --auth-tokens refuses ids below 2**32
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,43 +50,6 @@ def bundles(zoo, tmp_path_factory):
         out[name] = root / name
         compile_model(zoo.get(family), out[name], max_context=64 if "cache" in family else None)
     return out
-
-
-class ServerProcess:
-    """`stip serve ... --port 0` in a subprocess; the port it really bound is read from its startup log."""
-
-    def __init__(self, args: list[str], log: Path):
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "stip.compiler.cli", "serve", *args, "--port", "0"],
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
-        self.url = ""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"stip serve exited with {self.proc.returncode}:\n{log.read_text()}")
-            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())
-            if m:
-                self.url = m.group(1)
-                try:
-                    if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"stip serve not ready after 60 s:\n{log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
 
 @pytest.fixture(scope="module")
@@ -115,53 +84,6 @@ def refs(bundles):
 # helpers
 
 
-def bert_feeds(server: Server, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    emb = next(n for n in server.input_names if n != "attention_mask")
-    mask = np.ones((batch, seq), np.int64)
-    mask[0, max(1, seq - 2):] = 0
-    return {emb: rng.standard_normal((batch, seq, 32)).astype(np.float32), "attention_mask": mask}
-
-
-def json_request(feeds: dict, outputs: list[str] | None = None, **params) -> dict:
-    req = {"inputs": [{"name": n, "datatype": np_to_triton_dtype(a.dtype), "shape": list(a.shape),
-                       "data": a.ravel().tolist()} for n, a in feeds.items()]}
-    if outputs is not None:
-        req["outputs"] = [{"name": n} for n in outputs]
-    if params:
-        req["parameters"] = params
-    return req
-
-
-def binary_request(feeds: dict, outputs: list[str] | None = None, **params) -> tuple[bytes, dict]:
-    req = {"inputs": [{"name": n, "datatype": np_to_triton_dtype(a.dtype), "shape": list(a.shape),
-                       "parameters": {"binary_data_size": a.nbytes}} for n, a in feeds.items()]}
-    if outputs is not None:
-        req["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]
-    if params:
-        req["parameters"] = params
-    head = json.dumps(req).encode()
-    return head + b"".join(np.ascontiguousarray(a).tobytes() for a in feeds.values()), {HEADER: str(len(head))}
-
-
-def decode_response(r: httpx.Response) -> dict[str, np.ndarray]:
-    assert r.status_code == 200, r.text
-    n = r.headers.get(HEADER)
-    body = r.content
-    head = json.loads(body[:int(n)] if n else body)
-    out, off = {}, int(n) if n else 0
-    for o in head["outputs"]:
-        dt = {"FP32": np.float32, "INT64": np.int64, "FP16": np.float16}[o["datatype"]]
-        size = o.get("parameters", {}).get("binary_data_size")
-        if size is not None:
-            out[o["name"]] = np.frombuffer(body[off:off + size], dtype=dt).reshape(o["shape"])
-            off += size
-        else:
-            out[o["name"]] = np.array(o["data"], dtype=dt).reshape(o["shape"])
-    assert off == (len(body) if n else 0)
-    return out
-
-
 def triton_inputs(feeds: dict, binary: bool = True) -> list:
     ins = []
     for n, a in feeds.items():
@@ -184,26 +106,6 @@ def metric(url: str, name: str, **labels) -> float:
             found = True
     assert found, f"{name}{labels} not in /metrics"
     return total
-
-
-def decoder_steps(bundle: Path, prompt: list[int], new_tokens: int):
-    """Greedy generation in process, recording what the server graph receives and returns at each step."""
-    client = Client(bundle / "client")
-    seq = CachedSession(Server(bundle / "server", device="cpu").session)
-    ids, fed, steps = list(prompt), 0, []
-    for _ in range(new_tokens):
-        new = ids[fed:]
-        feeds = {"input_ids": np.array([new], np.int64),
-                 "attention_mask": np.ones((1, fed + len(new)), np.int64),
-                 "position_ids": np.arange(fed, fed + len(new), dtype=np.int64)[None]}
-        to_server, kept = client.prepare({k: v for k, v in feeds.items() if k in client.input_names},
-                                         seq.past_length)
-        server_out = seq.run(to_server)
-        logits = client.finish(server_out, kept)["logits"]
-        steps.append((to_server, server_out))
-        fed = len(ids)
-        ids.append(int(np.argmax(logits[0, -1])))
-    return steps, ids[len(prompt):]
 
 
 # ---------------------------------------------------------------------------------------------------------------
