@@ -153,7 +153,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     limits = Limits(max_batch=a.max_batch, max_seq=a.max_seq, max_request_bytes=a.max_request_bytes,
                     max_queue=a.max_queue, max_sequences=a.max_sequences, sequence_timeout=a.sequence_timeout,
-                    workers=a.workers, max_memory=parse_size(a.max_memory, "--max-memory"),
+                    workers=a.workers, max_sequences_per_client=a.max_sequences_per_client,
+                    max_memory=parse_size(a.max_memory, "--max-memory"),
                     max_json_response_bytes=parse_size(a.max_json_response_bytes, "--max-json-response-bytes"),
                     max_buffered_bytes=parse_size(a.max_buffered_bytes, "--max-buffered-bytes"),
                     max_connections=a.max_connections, header_timeout=a.header_timeout,
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest request body; larger ones get 413 (default 64 MiB)")
     sv.add_argument("--max-sequences", type=int, default=256,
                     help="live generation sequences per model; new ones beyond get 429 (default 256)")
+    sv.add_argument("--max-sequences-per-client", type=int, default=0, metavar="N",
+                    help="with --auth-tokens: live sequences per model and client, so that one client cannot take "
+                    "every slot (default 0: --max-sequences)")
     sv.add_argument("--sequence-timeout", type=float, default=300.0, metavar="SECONDS",
                     help="free a sequence idle this long (default 300)")
     sv.add_argument("--io-binding", choices=["auto", "on", "off"], default="auto",

@@ -40,6 +40,7 @@ class Limits:
     max_request_bytes: int = 64 << 20
     max_queue: int = 64               # requests waiting for a worker beyond the busy workers
     max_sequences: int = 256          # live sequences per model
+    max_sequences_per_client: int = 0  # live sequences per model and client (0: --max-sequences)
     sequence_timeout: float = 300.0   # seconds idle before a sequence is freed
     workers: int = 2                  # threads running ONNX Runtime
     max_memory: int = 4 << 30         # budget for request activations, responses and every live KV cache
@@ -63,8 +64,8 @@ class Limits:
                         ("--body-timeout", self.body_timeout), ("--keep-alive", self.keep_alive)):
             if not t > 0:
                 raise StipError(f"{flag} must be more than 0 seconds")
-        if self.max_queue < 0:
-            raise StipError("--max-queue must be >= 0")
+        if self.max_queue < 0 or self.max_sequences_per_client < 0:
+            raise StipError("--max-queue and --max-sequences-per-client must be >= 0")
         if self.max_buffered_bytes < self.max_request_bytes:
             raise StipError("--max-buffered-bytes must be at least --max-request-bytes")
 

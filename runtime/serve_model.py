@@ -58,7 +58,8 @@ class Model:
         self.output_by_name = {t.name: t for t in self.outputs}
         self.sig = Signature(name, self.inputs, self.outputs, self.limits.max_batch, self.limits.max_seq,
                              max(1, self.limits.max_json_response_bytes // JSON_BYTES_PER_VALUE))
-        self.sequences = SequenceStore(self.limits.max_sequences, self.limits.sequence_timeout, self.budget.free)
+        self.sequences = SequenceStore(self.limits.max_sequences, self.limits.sequence_timeout, self.budget.free,
+                                       self.limits.max_sequences_per_client)
         on_gpu = self.providers[0] == "CUDAExecutionProvider"
         if io_binding not in ("auto", "on", "off"):
             raise StipError(f"--io-binding {io_binding}: expected auto, on or off")
@@ -66,6 +67,9 @@ class Model:
         self.binding_device = "cuda" if on_gpu else "cpu"
         self.batch_source = self._batch_source()
         self.mask_input, self.new_tokens_input = self._mask_inputs()
+        if self.stateful and (self.mask_input is None or self.new_tokens_input is None):
+            log.warning("model '%s': no input found whose dim is the cache's total length; a step's mask length is "
+                        "not checked against the cached tokens", name)
         try:
             self.memory = MemoryModel(self.path)
         except Exception as e:  # noqa: BLE001 - shape inference can fail on exotic graphs: a coarse fallback

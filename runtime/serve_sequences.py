@@ -132,8 +132,9 @@ Key = tuple[str, int | str]   # (owner, sequence_id)
 class SequenceStore:
     """Live sequences of one model by (owner, id). `on_free(seq)` is called for every sequence that leaves."""
 
-    def __init__(self, max_sequences: int, timeout: float, on_free=None):
+    def __init__(self, max_sequences: int, timeout: float, on_free=None, per_owner: int = 0):
         self.max_sequences = max_sequences
+        self.per_owner = per_owner or max_sequences
         self.timeout = timeout
         self.items: dict[Key, Sequence] = {}
         self.lock = threading.Lock()
@@ -146,10 +147,19 @@ class SequenceStore:
         return RequestError(429, f"too many live sequences ({len(self.items)}, the server's limit "
                             "--max-sequences); end finished sequences or retry later")
 
+    def _room(self, key: Key) -> None:
+        """Under the lock: a new key must fit under both caps (one client cannot take every slot)."""
+        if key in self.items:
+            return
+        if len(self.items) >= self.max_sequences:
+            raise self._full()
+        if sum(1 for owner, _ in self.items if owner == key[0]) >= self.per_owner:
+            raise RequestError(429, f"this client has {self.per_owner} live sequences, the server's limit per "
+                               "client (--max-sequences-per-client); end finished sequences or retry later")
+
     def check_room(self, key: Key) -> None:
         with self.lock:
-            if key not in self.items and len(self.items) >= self.max_sequences:
-                raise self._full()
+            self._room(key)
 
     def get(self, key: Key, model: str) -> Sequence:
         """The owner's live sequence; the same error whether the id was never used or is someone else's."""
@@ -166,8 +176,7 @@ class SequenceStore:
         """After a successful start: replaces the owner's live sequence of the same id (as Triton does)."""
         with self.lock:
             old = self.items.get(key)
-            if old is None and len(self.items) >= self.max_sequences:
-                raise self._full()
+            self._room(key)
             self.items[key] = seq
         if old is not None:
             self._free(old)

@@ -65,7 +65,8 @@ def token_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def auth_server(bundles, token_file, tmp_path_factory):
     srv = ServerProcess([f"bert={bundles['bert']}", f"gpt2={bundles['gpt2']}", "--device", "cpu",
-                         "--auth-tokens", str(token_file)], tmp_path_factory.mktemp("logs") / "auth.log")
+                         "--auth-tokens", str(token_file), "--max-sequences-per-client", "2"],
+                        tmp_path_factory.mktemp("logs") / "auth.log")
     yield srv
     srv.stop()
 
@@ -170,6 +171,16 @@ def test_sequences_are_isolated_between_clients(auth_server, bundles):
         # B's own sequence 1 still continues from B's start
         r = _step(http, url, "bob", steps[1][0], 1, sequence_end=True)
         np.testing.assert_array_equal(decode_response(r)[logits], steps[1][1][logits])
+        # one client cannot take every slot: alice's third live sequence is refused, bob still gets one
+        for sid in (10, 11):
+            assert _step(http, url, "alice", steps[0][0], sid, sequence_start=True).status_code == 200
+        r = _step(http, url, "alice", steps[0][0], 12, sequence_start=True)
+        assert r.status_code == 429 and "per client" in r.json()["error"]
+        assert _step(http, url, "bob", steps[0][0], 10, sequence_start=True).status_code == 200
+        for name, sid in (("alice", 10), ("alice", 11), ("bob", 10)):
+            r = http.post(url + "/v2/models/gpt2/infer", headers=bearer(name),
+                          json={"inputs": [], "parameters": {"sequence_id": sid, "sequence_end": True}})
+            assert r.status_code == 200
         # /metrics (same auth) shows counts only: no ids, no owners
         text = http.get(url + "/metrics", headers=bearer("bob")).text
         assert "alice" not in text and 'stip_live_sequences{model="gpt2"} 0.0' in text
