@@ -300,3 +300,22 @@ def test_host_allow_list_and_content_type(open_server, bundles):
                       headers={**headers, "Content-Type": "application/octet-stream"})
         np.testing.assert_array_equal(decode_response(r)[ref.output_names[0]], want)
         assert HEADER in headers
+
+
+def test_bad_serve_flags_are_one_line_errors(bundles, tmp_path):
+    bad_tokens = tmp_path / "tokens"
+    bad_tokens.write_text("alice alice-token-0123456789abcdef\nbob short\n")
+    dup = tmp_path / "dup"
+    dup.write_text("alice alice-token-0123456789abcdef\nalice other-token-0123456789abcdef\n")
+    pem = [str(tmp_path / "c.pem"), str(tmp_path / "k.pem")]
+    for args, needle in ((["--max-memory", "lots"], "--max-memory lots"),
+                         (["--auth-tokens", str(bad_tokens)], "tokens:2"),
+                         (["--auth-tokens", str(dup)], "appears twice"),
+                         (["--auth-tokens", str(tmp_path / "missing")], "cannot read"),
+                         (["--tls-cert", pem[0], "--tls-key", pem[1]], "no such file"),
+                         (["--max-connections", "0"], "--max-connections"),
+                         (["--header-timeout", "0"], "--header-timeout")):
+        r = subprocess.run([sys.executable, "-m", "stip.compiler.cli", "serve", str(bundles["bert"]), "--port", "0",
+                            *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
