@@ -157,7 +157,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                     max_memory=parse_size(a.max_memory, "--max-memory"),
                     max_json_response_bytes=parse_size(a.max_json_response_bytes, "--max-json-response-bytes"),
                     max_buffered_bytes=parse_size(a.max_buffered_bytes, "--max-buffered-bytes"),
-                    max_connections=a.max_connections, header_timeout=a.header_timeout,
+                    max_connections=a.max_connections, max_connections_per_client=a.max_connections_per_client,
+                    header_timeout=a.header_timeout,
                     body_timeout=a.body_timeout, keep_alive=a.keep_alive)
     return serve(a.server, host=a.host, port=a.port, device=a.device, model_name=a.model_name, limits=limits,
                  threads=a.threads, io_binding=a.io_binding, log_level=a.log_level, access_log=a.access_log,
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="request bodies being received, all connections together; 503 beyond (default 256MiB)")
     sv.add_argument("--max-connections", type=int, default=256,
                     help="open connections; more are answered 503 and closed (default 256)")
+    sv.add_argument("--max-connections-per-client", type=int, default=64, metavar="N",
+                    help="open connections from one client address (default 64; 0: no cap, e.g. behind a reverse "
+                    "proxy, where every connection comes from the proxy)")
     sv.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                     help="close a connection whose request headers take longer (default 10)")
     sv.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",

@@ -124,7 +124,8 @@ def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, device
         app = build_app(models, limits, tokens=tokens, allowed_hosts=hosts, budget=budget)
         config = uvicorn.Config(app, log_level="warning" if log_level == "info" else log_level,
                                 access_log=access_log, timeout_graceful_shutdown=5,
-                                http=guarded_protocol(limits.header_timeout, limits.max_connections),
+                                http=guarded_protocol(limits.header_timeout, limits.max_connections,
+                                                      limits.max_connections_per_client),
                                 timeout_keep_alive=limits.keep_alive, h11_max_incomplete_event_size=16 << 10,
                                 ssl_certfile=tls_cert, ssl_keyfile=tls_key, server_header=False)
         uvicorn.Server(config).run(sockets=[sock])

@@ -1,8 +1,9 @@
 """The HTTP edge of `stip serve`: what happens before a route runs.
 
 - `GuardedH11Protocol`: uvicorn's HTTP/1.1 protocol with a header read timeout (a client that drips its headers is
-  disconnected after --header-timeout seconds) and a connection cap (--max-connections: a connection beyond it gets
-  a 503 and is closed at once, so the process never holds more sockets than that plus the listen backlog).
+  disconnected after --header-timeout seconds) and connection caps (--max-connections in all, and
+  --max-connections-per-client per client address, so one client cannot hold every slot): a connection beyond them
+  gets a 503 and is closed at once.
 - `Guard` (ASGI): the Host header against an allow-list (DNS rebinding), authentication (--auth-tokens; health
   endpoints stay open for load balancers), and the Content-Type of POST bodies (415 unless JSON or the binary
   extension). It runs before FastAPI, so a refused request costs no routing or body read.
@@ -174,12 +175,14 @@ class MetricsMiddleware:
             self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - t0)
 
 
-def guarded_protocol(header_timeout: float, max_connections: int):
-    """uvicorn's H11Protocol with a header read timeout and a connection cap (a class, as uvicorn wants one)."""
+def guarded_protocol(header_timeout: float, max_connections: int, per_client: int = 0):
+    """uvicorn's H11Protocol with a header read timeout and connection caps, in all and per client address (a class,
+    as uvicorn wants one)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    msg = json.dumps({"error": "too many connections (--max-connections); retry later"}).encode()
+    msg = json.dumps({"error": "too many connections (--max-connections, --max-connections-per-client); "
+                      "retry later"}).encode()
     busy = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
             b"content-length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg)
 
@@ -188,7 +191,9 @@ def guarded_protocol(header_timeout: float, max_connections: int):
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
+            ip = self.client[0] if self.client else None
+            mine = sum(1 for c in self.connections if c.client and c.client[0] == ip) if per_client else 0
+            if len(self.connections) > max_connections or mine > per_client > 0:
                 transport.write(busy)
                 transport.close()
                 return

@@ -47,6 +47,7 @@ class Limits:
     max_json_response_bytes: int = 16 << 20
     max_buffered_bytes: int = 256 << 20   # request bodies being received, all connections together
     max_connections: int = 256
+    max_connections_per_client: int = 64   # per client IP address; 0: no per-address cap (behind a proxy)
     header_timeout: float = 10.0      # seconds to receive a request's headers
     body_timeout: float = 60.0        # seconds to receive a request's body
     keep_alive: float = 5.0           # seconds an idle keep-alive connection stays open
@@ -64,8 +65,10 @@ class Limits:
                         ("--body-timeout", self.body_timeout), ("--keep-alive", self.keep_alive)):
             if not t > 0:
                 raise StipError(f"{flag} must be more than 0 seconds")
-        if self.max_queue < 0 or self.max_sequences_per_client < 0:
-            raise StipError("--max-queue and --max-sequences-per-client must be >= 0")
+        for flag, v in (("--max-queue", self.max_queue), ("--max-sequences-per-client", self.max_sequences_per_client),
+                        ("--max-connections-per-client", self.max_connections_per_client)):
+            if v < 0:
+                raise StipError(f"{flag} must be >= 0")
         if self.max_buffered_bytes < self.max_request_bytes:
             raise StipError("--max-buffered-bytes must be at least --max-request-bytes")
 

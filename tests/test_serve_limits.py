@@ -344,3 +344,30 @@ def test_connection_cap_and_buffered_bytes(edge_server, bundles):
     feeds = bert_feeds(ref, 1, 4, seed=6)
     r = httpx.post(url + "/v2/models/bert/infer", json=json_request(feeds), timeout=30)
     np.testing.assert_array_equal(decode_response(r)[ref.output_names[0]], ref.run(feeds)[ref.output_names[0]])
+
+
+def test_connection_cap_per_client_address(bundles, tmp_path):
+    """Four idle sockets from 127.0.0.1 use up that address's share; 127.0.0.2 (also loopback) is still served."""
+    srv = ServerProcess([str(bundles["bert"]), "--device", "cpu", "--max-connections-per-client", "4",
+                         "--header-timeout", "5"], tmp_path / "per-client.log")
+    try:
+        host, port = srv.url.rsplit("/", 1)[1].split(":")
+        time.sleep(0.3)  # the readiness probe's connection is gone
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            again = socket.create_connection((host, int(port)), timeout=5)
+            again.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = _response(again)
+            again.close()
+            assert answer.startswith(b"HTTP/1.1 503") and b"per-client" in answer, answer[:160]
+            other = socket.create_connection((host, int(port)), timeout=5, source_address=("127.0.0.2", 0))
+            other.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = _response(other)
+            other.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:160]
+        finally:
+            for s in idle:
+                s.close()
+    finally:
+        srv.stop()
