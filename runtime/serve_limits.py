@@ -160,12 +160,13 @@ class MemoryModel:
     def __init__(self, path: Path):
         import onnx
         import sympy
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
         model = onnx.load(str(path), load_external_data=False)
         declared = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
                     for o in model.graph.output}
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+        inferred, complete = _infer_shapes(model)
+        if not complete:
+            log.warning("%s: symbolic shape inference is incomplete; tensors without a shape are charged as the sum "
+                        "of their node's inputs", path)
         g = inferred.graph
         infos = {v.name: v for v in [*g.value_info, *g.output]}
         produced: dict[str, int] = {}
@@ -200,7 +201,18 @@ class MemoryModel:
         for node in g.node:
             for name in node.output:
                 info = infos.get(name)
-                if not name or info is None or not info.type.tensor_type.HasField("shape"):
+                if not name:
+                    continue
+                if info is None or not info.type.tensor_type.HasField("shape"):
+                    ins = [f"({key_of[i]})" for i in node.input if i in key_of]
+                    if not ins:
+                        continue
+                    key_of[name] = key = "+".join(ins)
+                    self.symbols.update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", key))
+                    if key not in exprs:
+                        exprs[key] = len(columns)
+                        columns.append(key)
+                    spans.append((exprs[key], produced[name], last_use.get(name, produced[name])))
                     continue
                 itemsize = _itemsize(info.type.tensor_type.elem_type)
                 dims, unknown = [], False
@@ -241,6 +253,33 @@ class MemoryModel:
         sizes = np.array([float(f(*args)) for f in self.fns], dtype=np.float64)
         peak = int((self.live @ sizes).max() * ACTIVATION_FACTOR) if len(sizes) else 0
         return peak, {name: int(sizes[col]) for name, col in self.output_cols.items()}
+
+
+def _infer_shapes(model):
+    """ONNX Runtime's symbolic shape inference, and whether it finished. Its public `infer_shapes` saves the model
+    into the working directory when it cannot finish, so the steps are run here, with the public call (inside a
+    scratch directory) only as a fallback for an onnxruntime whose internals differ."""
+    import os
+    import tempfile
+
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    ssi = SymbolicShapeInference(2**31 - 1, True, False, 0)
+    try:
+        ssi._preprocess(model)
+        complete = False
+        while ssi.run_:
+            complete = ssi._infer_impl()
+        ssi._update_output_from_vi()
+        return ssi.out_mp_, bool(complete)
+    except AttributeError:
+        old = os.getcwd()
+        with tempfile.TemporaryDirectory() as scratch:
+            os.chdir(scratch)
+            try:
+                return SymbolicShapeInference.infer_shapes(model, auto_merge=True), True
+            finally:
+                os.chdir(old)
 
 
 _SAME_SIZE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"}
