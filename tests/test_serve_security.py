@@ -25,8 +25,8 @@ from serve_helpers import (
 )
 
 from stip.compiler.pipeline import compile_model
-from stip.passes.errors import StipError
 from stip.runtime.bundle import LocalDeployment, Server
+from stip.runtime.errors import StipError
 from stip.runtime.generate import StipGenerator, generate_plaintext
 from stip.runtime.remote import RemoteClient, RemoteServer
 from stip.runtime.verify import random_feeds
