@@ -40,13 +40,20 @@ def cmd_compile(a: argparse.Namespace) -> int:
     with ctx:
         report = compile_model(a.model, a.output, force=a.force, private=a.private, public=a.public,
                                external_data=a.external_data, progress=step, head=a.head,
-                               tokenizer=a.tokenizer, max_context=a.max_context)
+                               tokenizer=a.tokenizer, max_context=a.max_context, check=a.check)
     sizes = report["bundle_sizes"]
     print(f"wrote {a.output}  key id {report['key_id']}  {len(report['spaces'])} spaces, "
           f"{report['layers']} attention layers, {report['permuted_weights']} permuted weights")
     print(f"  server/                {sizes['server_bytes'] / 2**20:8.1f} MiB  permuted weights, no key")
     print(f"  client/                {sizes['client_bytes'] / 2**20:8.1f} MiB  pre.onnx + post.onnx, for users")
     print("  developer/key.npz                    the key (mode 0600): never ship it")
+    chk = report["self_check"]
+    if isinstance(chk, dict):
+        worst = max(chk["outputs"], key=lambda r: r["max_abs"] / max(r["tolerance"], 1e-30))
+        print(f"checked: pre -> server -> post matches the original on {len(chk['outputs'])} outputs "
+              f"(batch {chk['batch']}, {chk['seq']} tokens; largest diff {worst['max_abs']:.2g} on '{worst['output']}')")
+    else:
+        print("not checked (--no-check): run `stip verify` before shipping the bundle")
     print(f"next: stip verify {a.output} --original {a.model}")
     return 0
 
@@ -209,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", metavar="DIR", help="tokenizer files to ship in client/ for text prompts")
     c.add_argument("--max-context", type=int, metavar="N",
                    help="longest prompt + generation (default: the position table's size, if any)")
+    c.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the self-check: by default compile runs the bundle and the original in onnxruntime "
+                   "on small random inputs and writes nothing if they differ. The check holds both models in "
+                   "memory at once (peak RSS about 2x the model more than compiling alone) and costs a few "
+                   "seconds per GB of weights; skip it only for models too large to load twice, then run "
+                   "`stip verify`")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     io_flags(c)
 

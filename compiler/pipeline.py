@@ -82,9 +82,10 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = False,
                   private: list[str] | None = None, public: list[str] | None = None,
                   external_data: str = "auto", progress: Progress | None = None, head: str = "server",
-                  tokenizer: str | Path | None = None, max_context: int | None = None) -> dict:
+                  tokenizer: str | Path | None = None, max_context: int | None = None, check: bool = True) -> dict:
     """Write out/{server,client,developer}; nothing is left behind on failure, nothing replaced without force,
-    and only a bundle replaced with it (see stip.compiler.output)."""
+    and only a bundle replaced with it (see stip.compiler.output). With `check`, the bundle must match the
+    original in onnxruntime before it takes the output's place."""
     out = output_path(out_dir)
     if out.parent.is_dir():
         with locked(out):  # repairs what a killed compile left, before judging the output
@@ -115,6 +116,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
             _save(bundle.server, lay.server_model, external_data)
             _save(bundle.pre, lay.pre, "never")
             _save(bundle.post, lay.post, "never")
+            del bundle  # on disk now: the self-check loads it as sessions, so drop the in-memory copy first
             if tokenizer is not None:
                 shutil.copytree(tokenizer, lay.client_dir / TOKENIZER_DIR)
                 manifest["tokenizer"] = TOKENIZER_DIR
@@ -125,6 +127,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
                 "client_bytes": sum(f.stat().st_size for f in lay.client_dir.rglob("*") if f.is_file()),
                 "server_bytes": sum(f.stat().st_size for f in lay.server_dir.rglob("*") if f.is_file()),
             }
+            report["self_check"] = _check(tmp, model_path, step) if check else "skipped (--no-check)"
             lay.report.write_text(json.dumps(report, indent=2))
             finish_temp(tmp)
             swap_into_place(tmp, out)
@@ -133,6 +136,16 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return report
+
+
+def _check(tmp: Path, model_path: str | Path, step: Progress) -> dict:
+    """The self-check (compiler/selfcheck.py); a StipError here removes the temp dir, so nothing is written."""
+    from stip.compiler.selfcheck import self_check
+
+    tick = step("checking bundle against the original", None)
+    summary = self_check(tmp, model_path)
+    tick()
+    return summary
 
 
 def _compile_in_memory(model_path, private, public, step, head="server", max_context=None):

@@ -96,6 +96,7 @@ class OutputCheck:
     max_rel: float
     close: bool
     argmax_agree: float
+    scale: float = 0.0  # max |original output|: lets a caller judge the difference relative to the output
 
     @property
     def ok(self) -> bool:
@@ -107,14 +108,16 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float,
     for name, r in ref.items():
         o = got[name]
         if o.shape != r.shape:
-            out.append(OutputCheck(name, tuple(o.shape), float("inf"), float("inf"), False, 0.0))
+            out.append(OutputCheck(name, tuple(o.shape), float("inf"), float("inf"), False, 0.0,
+                                   float(np.abs(r.astype(np.float64)).max(initial=0.0))))
             continue
         r64, o64 = r.astype(np.float64), o.astype(np.float64)
         diff = np.abs(r64 - o64)
         rel = diff / np.maximum(np.abs(r64), 1e-12)
         agree = float(np.mean(r.argmax(-1) == o.argmax(-1))) if r.ndim >= 1 and r.shape[-1] > 1 else 1.0
         out.append(OutputCheck(name, tuple(r.shape), float(diff.max(initial=0.0)), float(rel.max(initial=0.0)),
-                               bool(np.allclose(o64, r64, atol=atol, rtol=rtol)), agree))
+                               bool(np.allclose(o64, r64, atol=atol, rtol=rtol)), agree,
+                               float(np.abs(r64).max(initial=0.0))))
     return out
 
 

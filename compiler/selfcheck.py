@@ -1,0 +1,58 @@
+"""compile's post-condition: the bundle it is about to publish computes what the original computes.
+
+Why: a wrong bundle written without an error is the worst failure (the BiasGelu bug shipped five of them). Rules
+can be wrong in ways no static check sees, so before the final rename compile runs pre -> server -> post and the
+original side by side in onnxruntime on a few small random inputs (decoders through their KV cache, after a
+prefill), and refuses to write anything if an output differs. `--no-check` skips this for models too large to
+hold twice in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from stip.passes.errors import StipError
+
+BATCH, SEQ, PAST = 2, 5, 3  # small shapes: the check costs about two forward passes of 2 x 8 tokens
+
+# Tolerance on max |original - bundle| per output, relative to max(1, max |original output|): the permuted
+# model sums in another order, so fp32 differs by ~1e-6 of the output's scale, fp16 by ~1e-3; integer and
+# bool outputs (argmax, echoed ids, masks) must match exactly.
+TOLERANCE = {
+    onnx.TensorProto.DOUBLE: 1e-7,
+    onnx.TensorProto.FLOAT: 1e-4,
+    onnx.TensorProto.FLOAT16: 1e-2,
+    onnx.TensorProto.BFLOAT16: 5e-2,
+}
+
+
+def output_tolerances(original: str | Path) -> dict[str, float]:
+    m = onnx.load(str(original), load_external_data=False)
+    return {o.name: TOLERANCE.get(o.type.tensor_type.elem_type, 0.0) for o in m.graph.output}
+
+
+def self_check(bundle_dir: str | Path, original: str | Path) -> dict:
+    """Raises StipError naming the first output that differs; returns a summary for the compile report."""
+    from stip.runtime.verify import verify
+
+    tol = output_tolerances(original)
+    try:
+        checks = verify(bundle_dir, original, batch=BATCH, seq=SEQ, past=PAST, seed=0, device="cpu")
+    except StipError as e:
+        raise StipError(f"self-check could not run: {e} (pass --no-check to write the bundle unchecked)") from None
+    except Exception as e:  # onnxruntime raises its own exception types for graphs it cannot load or run
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise StipError(f"{original}: self-check could not run the original and the bundle in onnxruntime "
+                        f"({type(e).__name__}: {first}); pass --no-check to write the bundle unchecked") from None
+    rows = []
+    for c in checks:
+        limit = tol.get(c.name, 1e-4) * max(1.0, c.scale)
+        if not c.max_abs <= limit:
+            shape = " (shapes differ)" if c.max_abs == float("inf") else ""
+            raise StipError(f"{original}: self-check failed: output '{c.name}' of the compiled bundle differs from "
+                            f"the original by max abs {c.max_abs:.3g}{shape} (tolerance {limit:.2g}); nothing was "
+                            "written. This is a stip bug: please report it with `stip inspect` of the model")
+        rows.append({"output": c.name, "max_abs": c.max_abs, "tolerance": limit})
+    return {"batch": BATCH, "seq": SEQ, "past": PAST, "outputs": rows}
