@@ -26,7 +26,7 @@ def inspect_model(path: Path, private=None, public=None) -> dict:
     from stip.compiler.pipeline import analyse
 
     a = analyse(path, private, public, strict=False)
-    return model_summary(a.graph, a.solution, a.partition)
+    return model_summary(a.graph, a.solution, a.partition, a.refusals)
 
 
 def inspect_bundle(d: Path) -> dict:

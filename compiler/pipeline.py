@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,9 @@ from stip.compiler.output import (
 )
 from stip.compiler.report import model_summary
 from stip.compiler.serialize import write_model
-from stip.passes.build import build
+from stip.passes.build import build, client_reads_cache
 from stip.passes.errors import StipError
+from stip.passes.formats import refuse_unsupported_format
 from stip.passes.graph import Graph, load_graph
 from stip.passes.partition import Partition, detect_private, partition
 from stip.passes.permute import draw
@@ -41,27 +42,43 @@ class Analysis:
     graph: Graph
     solution: Solution
     partition: Partition | None
+    refusals: list[str] = field(default_factory=list)  # every reason compile would refuse, in compile's words
 
 
 def analyse(model_path: str | Path, private: list[str] | None = None, public: list[str] | None = None,
             strict: bool = True, head: str = "server") -> Analysis:
-    """Everything `inspect` shows; with strict=True, blockers become one StipError naming the first node."""
+    """The one analysis compile and inspect share. strict=True (compile) raises the first refusal as a
+    StipError; strict=False (inspect) collects them all, so inspect never calls a model fine that compile
+    refuses. Model-level problems (unreadable, quantized, merged decoder, no Transformer) raise in both modes."""
     g = load_graph(model_path)
+    refuse_unsupported_format(g)
     sol = solve(g)
     require_transformer(sol)
-    if strict and sol.blockers:
-        extra = f" (and {len(sol.blockers) - 1} more; see `stip inspect`)" if len(sol.blockers) > 1 else ""
-        raise StipError(f"{g.path}: cannot place {sol.blockers[0]}{extra}")
-    priv = detect_private(g, sol, private, public)
-    if strict and not priv:
-        raise StipError(f"{g.path}: no private input found (no input reaches an embedding, patch or linear weight)")
-    part = None
-    try:
-        part = partition(g, sol, priv, head)
-    except StipError:
+    refusals: list[str] = []
+
+    def refuse(msg: str) -> None:
         if strict:
-            raise
-    return Analysis(g, sol, part)
+            raise StipError(msg)
+        refusals.append(msg)
+
+    if sol.blockers:
+        extra = f" (and {len(sol.blockers) - 1} more; see `stip inspect`)" if len(sol.blockers) > 1 else ""
+        if strict:
+            raise StipError(f"{g.path}: cannot place {sol.blockers[0]}{extra}")
+        refusals += [f"{g.path}: cannot place {b}" for b in sol.blockers]
+    priv = detect_private(g, sol, private, public)
+    part = None
+    if not priv:
+        refuse(f"{g.path}: no private input found (no input reaches an embedding, patch or linear weight)")
+    else:
+        try:
+            part = partition(g, sol, priv, head)
+            cache_read = client_reads_cache(g, part.pre_nodes)
+            if cache_read:
+                refuse(cache_read)
+        except StipError as e:
+            refuse(str(e))
+    return Analysis(g, sol, part, refusals)
 
 
 def _save(model: onnx.ModelProto, path: Path, external: str) -> None:

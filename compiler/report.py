@@ -127,7 +127,8 @@ def layer_count(sol: Solution) -> int:
     return sum(1 for n in sol.permuted.values() if n.endswith(".heads"))
 
 
-def model_summary(g: Graph, sol: Solution, part: Partition | None) -> dict:
+def model_summary(g: Graph, sol: Solution, part: Partition | None, refusals: list[str] | None = None) -> dict:
+    """`refusals`: analyse(strict=False)'s list; empty means compile would go on to write and self-check."""
     ops = Counter(n.op_type for n in g.model.graph.node)
     params = sum(int(v.size) for v in g.constants.values())
     weights = sum(1 for idx, n in enumerate(g.model.graph.node) for j, x in enumerate(n.input)
@@ -149,6 +150,8 @@ def model_summary(g: Graph, sol: Solution, part: Partition | None) -> dict:
                     for n in g.output_names],
         "spaces": describe_spaces(g, sol),
         "unplaced": unplaced_nodes(sol),
+        "blockers": list(refusals or []),
+        "compiles": not refusals,
         "warnings": g.warnings,
         "security_notes": SECURITY_NOTES,
     }
@@ -216,8 +219,12 @@ def render(report: dict) -> str:
             for r in report["unplaced"]:
                 t.add_row(r["op"], r["node"], r["reason"])
             con.print(t)
+        if report.get("blockers"):
+            con.print(f"[b]stip compile would refuse this model[/b] ({len(report['blockers'])} blocker(s)):")
+            for b in report["blockers"]:
+                con.print(f" - {b}", soft_wrap=True)
         else:
-            con.print("every node placed: no blockers")
+            con.print("every node placed: no blockers (compile still runs its self-check before writing)")
     for w in report.get("warnings", []):
         con.print(f"warning: {w}")
     if report.get("security_notes"):

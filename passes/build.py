@@ -166,6 +166,18 @@ def _unpermute_nodes(g: Graph, sol: Solution, perms: Permutations, src: str, dst
     return nodes, inits
 
 
+def client_reads_cache(g: Graph, nodes) -> str | None:
+    """The refusal when a client-side node (index into g, or NodeProto) reads a cache input's values."""
+    cache_inputs = {i for i, _ in g.cache}
+    for n in nodes:
+        n = g.model.graph.node[n] if isinstance(n, int) else n
+        for x in n.input:
+            if x in cache_inputs and n.op_type != "Shape":
+                return (f"{g.path}: the client graph would read the values of cache input '{x}' "
+                        f"({n.op_type} node '{n.name}'); only its shape may be used there")
+    return None
+
+
 def _cache_shapes_as_inputs(g: Graph, pre: onnx.ModelProto) -> None:
     """The user never holds the KV cache, but pre may need its shape (positions start at the past length):
     such Shape nodes read a small int64 input `<cache input>.shape` that the client fills in instead."""
@@ -174,11 +186,10 @@ def _cache_shapes_as_inputs(g: Graph, pre: onnx.ModelProto) -> None:
     used = [i.name for i in pre.graph.input if i.name in cache_inputs]
     if not used:
         return
+    problem = client_reads_cache(g, pre.graph.node)
+    if problem:
+        raise StipError(problem)
     for n in pre.graph.node:
-        for x in n.input:
-            if x in cache_inputs and n.op_type != "Shape":
-                raise StipError(f"{g.path}: the client graph would read the values of cache input '{x}' "
-                                f"({n.op_type} node '{n.name}'); only its shape may be used there")
         if n.op_type == "Shape" and n.input[0] in cache_inputs:
             src = n.input[0] + CACHE_SHAPE_SUFFIX
             start = next((a.i for a in n.attribute if a.name == "start"), 0)

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from graphs import embed_then, ints, save, weight
+from onnx import helper
 
 from stip.compiler import cli
 from stip.compiler.pipeline import compile_model
@@ -65,3 +67,43 @@ def test_normal_compile_passes_the_check(zoo, tmp_path, family, capsys):
     chk = json.loads((out / "developer" / "report.json").read_text())["self_check"]
     assert chk["outputs"] and all(0 <= r["max_abs"] <= r["tolerance"] <= 1e-3 for r in chk["outputs"])
     assert np.isfinite([r["max_abs"] for r in chk["outputs"]]).all()
+
+
+def _refused_models(tmp_path):
+    """(model, extra flags): each is refused by compile at a different stage of the shared analysis."""
+    leak = [helper.make_node("MatMul", ["h", "w"], ["m"]), helper.make_node("Cast", ["ids"], ["idf"], to=1),
+            helper.make_node("Unsqueeze", ["idf", "ax"], ["idu"]),
+            helper.make_node("Add", ["m", "idu"], ["y"], name="leaky_add")]
+    cumsum = [helper.make_node("CumSum", ["h", "axis"], ["cs"], name="odd_cumsum"),
+              helper.make_node("MatMul", ["cs", "w"], ["y"])]
+    return {
+        "partition": (save(embed_then(leak, ["B", "S", 4], [weight("w", 8, 4), ints("ax", [2])]),
+                           tmp_path / "leak.onnx"), []),
+        "no private input": (save(embed_then([helper.make_node("MatMul", ["h", "w"], ["y"])], ["B", "S", 4],
+                                             [weight("w", 8, 4)]), tmp_path / "plain.onnx"), ["--public", "ids"]),
+        "solver": (save(embed_then(cumsum, ["B", "S", 4], [ints("axis", 2), weight("w", 8, 4)]),
+                        tmp_path / "cumsum.onnx"), []),
+    }
+
+
+@pytest.mark.parametrize("stage", ["partition", "no private input", "solver"])
+def test_inspect_shows_the_blocker_compile_refuses_with(tmp_path, capsys, stage):
+    model, flags = _refused_models(tmp_path)[stage]
+    assert cli.main(["compile", str(model), "-o", str(tmp_path / "out"), "-q", *flags]) == 2
+    refusal = capsys.readouterr().err.strip().removeprefix("stip compile: error: ")
+    assert cli.main(["inspect", str(model), "--json", *flags]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["compiles"] is False and rep["blockers"]
+    assert refusal.split(" (and ")[0] == rep["blockers"][0]
+    assert cli.main(["inspect", str(model), *flags]) == 0
+    text = capsys.readouterr().out
+    assert "every node placed" not in text and "stip compile would refuse this model" in text
+    assert rep["blockers"][0] in text
+
+
+def test_inspect_of_a_compilable_model_says_so(zoo, capsys):
+    assert cli.main(["inspect", str(zoo.get("bert"))]) == 0
+    assert "every node placed: no blockers" in capsys.readouterr().out
+    assert cli.main(["inspect", str(zoo.get("bert")), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["compiles"] is True and rep["blockers"] == []
