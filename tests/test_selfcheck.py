@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from graphs import embed_then, ints, save, weight
-from onnx import helper
+from graphs import embed_then, ints, model, save, weight
+from onnx import TensorProto, helper, numpy_helper
 
 from stip.compiler import cli
 from stip.compiler.pipeline import compile_model
@@ -107,3 +107,57 @@ def test_inspect_of_a_compilable_model_says_so(zoo, capsys):
     assert cli.main(["inspect", str(zoo.get("bert")), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["compiles"] is True and rep["blockers"] == []
+
+
+def _merged_decoder(tmp_path):
+    """optimum --legacy's decoder_model_merged.onnx in small: a top-level If on use_cache_branch."""
+    def branch(name, w):
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)
+        return helper.make_graph([helper.make_node("MatMul", ["h", w], [f"{name}_y"])], name, [], [out])
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"])
+    flag = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "S", 16])
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["h"]),
+             helper.make_node("If", ["use_cache_branch"], ["logits"], name="optimum::if",
+                              then_branch=branch("with_past", "w1"), else_branch=branch("no_past", "w2"))]
+    return save(model(nodes, [ids, flag], [y], [weight("table", 16, 8), weight("w1", 8, 16), weight("w2", 8, 16)]),
+                tmp_path / "decoder_model_merged.onnx")
+
+
+def _weight_only_int8(tmp_path):
+    """An int8 weight -> Cast -> Mul by a per-column scale -> MatMul (weight-only quantized linear)."""
+    q = numpy_helper.from_array(np.random.default_rng(0).integers(-127, 128, (8, 4)).astype(np.int8), "w_q")
+    scale = numpy_helper.from_array(np.random.default_rng(1).random(4).astype(np.float32) * 0.01, "w_scale")
+    nodes = [helper.make_node("Cast", ["w_q"], ["w_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["w_f", "w_scale"], ["w"]),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="q_proj")]
+    return save(embed_then(nodes, ["B", "S", 4], [q, scale]), tmp_path / "int8_linear.onnx")
+
+
+def _dynamic_quantized(zoo, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = tmp_path / "bert-int8.onnx"
+    quantize_dynamic(str(zoo.get("bert")), str(path), weight_type=QuantType.QInt8)
+    return path
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("quantize_dynamic", ["quantized with onnxruntime.quantization (DynamicQuantizeLinear, MatMulInteger)",
+                          "compile the float model"]),
+    ("weight-only int8", ["weight-only int8 quantization", "'w_q'", "MatMul node 'q_proj'", "compile the float"]),
+    ("merged decoder", ["merged decoder", "If node 'optimum::if'", "'use_cache_branch'",
+                        "decoder_with_past_model.onnx", "without --legacy"]),
+])
+def test_message_names_the_real_cause(zoo, tmp_path, capsys, case, needles):
+    model_path = {"quantize_dynamic": lambda: _dynamic_quantized(zoo, tmp_path),
+                  "weight-only int8": lambda: _weight_only_int8(tmp_path),
+                  "merged decoder": lambda: _merged_decoder(tmp_path)}[case]()
+    for cmd in (["compile", str(model_path), "-o", str(tmp_path / "out"), "-q"], ["inspect", str(model_path)]):
+        assert cli.main(cmd) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no Transformer" not in err[0], err
+        for n in needles:
+            assert n in err[0], (n, err[0])
+    assert not (tmp_path / "out").exists()
