@@ -10,6 +10,7 @@ import onnx
 from stip.passes.graph import Graph
 from stip.passes.partition import Partition
 from stip.passes.solve import Solution, use_key
+from stip.passes.solve import _weight_feature_axes as weight_feature_axes
 
 SECURITY_NOTES = [
     "Protects PRIVATE weights only: if the weights are public or fine-tuned from a public base, matching sorted "
@@ -119,6 +120,65 @@ def plaintext_crossings(g: Graph, sol: Solution, part: Partition) -> list[dict]:
     return rows
 
 
+def feature_classes(g: Graph, sol: Solution) -> dict[int, str]:
+    """Classes (and, through links, their parts) that hold a weight's feature axis -> that weight's name."""
+    sp = sol.spaces
+    out: dict[int, str] = {}
+    for idx, n in enumerate(g.model.graph.node):
+        for j, x in enumerate(n.input):
+            if x not in g.constants:
+                continue
+            for a in weight_feature_axes(n, j, g.constants[x]):
+                key = (use_key(x, idx, j), a)
+                stack = [sp.find(sp.id(key))] if sp.has(key) else []
+                while stack:
+                    c = sp.find(stack.pop())
+                    if c not in out:
+                        out[c] = x
+                        stack.extend(sp.link_of(c) or ())
+    return out
+
+
+def _plaintext_parts(sol: Solution, c: int) -> list[int]:
+    """Parts of class c (itself, or blocks of a flattened or concatenated axis) left in plaintext order."""
+    sp = sol.spaces
+    if sp.info(c).size == 1:
+        return []
+    link = sp.link_of(c)
+    if link:
+        return [x for part in link for x in _plaintext_parts(sol, part)]
+    return [] if c in sol.permuted else [c]
+
+
+def unpermuted_crossings(g: Graph, sol: Solution, part: Partition) -> list[str]:
+    """Warnings for tensors the client sends that keep a feature axis (one that reaches a weight's feature axis)
+    wholly or partly in plaintext order: e.g. a private input multiplied into the hidden state and marked
+    --public pins its own axis inside the permuted one, and the server reads that block unpermuted."""
+    sp = sol.spaces
+    features = feature_classes(g, sol)
+    out = []
+    for t in part.crossing:
+        p = g.producer.get(t)
+        if p is None or g.model.graph.node[p].op_type in ("Shape", "Size"):
+            continue
+        for a, d in enumerate(g.shapes.get(t, [])):
+            if not isinstance(d, int) or d <= 1 or not sp.has((t, a)):
+                continue
+            c = sp.find(sp.id((t, a)))
+            plain = _plaintext_parts(sol, c) if c in features else []
+            if not plain:
+                continue
+            why = sp.info(plain[0]).fixed or "not permutable"
+            block = (f"feature axis {a} (size {d})" if plain == [c] else
+                     f"a block of size {' x '.join(str(sp.info(x).size) for x in plain)} of feature axis {a} "
+                     f"(size {d})")
+            out.append(f"tensor '{t}' sent to the server keeps {block} in plaintext order, although it reaches "
+                       f"the feature axis of weight '{features[c]}' (pinned by {why}): the server can read the "
+                       "values that enter through it, e.g. a private mask or role ids multiplied into the hidden "
+                       "state; treat them as public, or feed them through a weight first")
+    return out
+
+
 def unplaced_nodes(sol: Solution) -> list[dict]:
     return [{"node": b.node, "op": b.op, "reason": b.reason} for b in sol.blockers]
 
@@ -163,6 +223,7 @@ def model_summary(g: Graph, sol: Solution, part: Partition | None, refusals: lis
         out["client_pre_nodes"] = len(part.pre_nodes)
         out["server_nodes"] = len(part.server_nodes)
         out["crosses_to_server"] = plaintext_crossings(g, sol, part)
+        out["unpermuted_crossings"] = unpermuted_crossings(g, sol, part)
         pre_consts = {x for i in part.pre_nodes for x in g.model.graph.node[i].input if x in g.constants}
         out["client_bytes_estimate"] = int(sum(g.constants[x].nbytes for x in pre_consts))
     return out
@@ -225,8 +286,8 @@ def render(report: dict) -> str:
                 con.print(f" - {b}", soft_wrap=True)
         else:
             con.print("every node placed: no blockers (compile still runs its self-check before writing)")
-    for w in report.get("warnings", []):
-        con.print(f"warning: {w}")
+    for w in report.get("warnings", []) + report.get("unpermuted_crossings", []):
+        con.print(f"warning: {w}", soft_wrap=True)
     if report.get("security_notes"):
         con.print("[b]Security notes[/b]")
         for n in report["security_notes"]:

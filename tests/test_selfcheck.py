@@ -106,7 +106,7 @@ def test_inspect_of_a_compilable_model_says_so(zoo, capsys):
     assert "every node placed: no blockers" in capsys.readouterr().out
     assert cli.main(["inspect", str(zoo.get("bert")), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["compiles"] is True and rep["blockers"] == []
+    assert rep["compiles"] is True and rep["blockers"] == [] and rep["unpermuted_crossings"] == []
 
 
 def _merged_decoder(tmp_path):
@@ -161,3 +161,34 @@ def test_message_names_the_real_cause(zoo, tmp_path, capsys, case, needles):
         for n in needles:
             assert n in err[0], (n, err[0])
     assert not (tmp_path / "out").exists()
+
+
+def _roles_mixed_into_hidden(tmp_path):
+    """Role features multiplied into the hidden state (outer product, then flattened into one projection): the
+    client sends the product with the roles' own axis, pinned by the graph input, inside the permuted one."""
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])
+    roles = helper.make_tensor_value_info("roles", TensorProto.FLOAT, ["B", "S", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 6])
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+             helper.make_node("Unsqueeze", ["h", "ax3"], ["h4"]),
+             helper.make_node("Unsqueeze", ["roles", "ax2"], ["r4"]),
+             helper.make_node("Mul", ["h4", "r4"], ["mixed"], name="role_mix"),
+             helper.make_node("Reshape", ["mixed", "flat"], ["role_features"]),
+             helper.make_node("MatMul", ["role_features", "w"], ["y"], name="proj")]
+    inits = [weight("table", 16, 8), ints("ax3", [3]), ints("ax2", [2]), ints("flat", [0, 0, 32]), weight("w", 32, 6)]
+    return save(model(nodes, [ids, roles], [y], inits), tmp_path / "roles.onnx")
+
+
+def test_warns_about_a_crossing_tensor_with_a_plaintext_feature_block(tmp_path, capsys):
+    path = _roles_mixed_into_hidden(tmp_path)
+    assert cli.main(["compile", str(path), "-o", str(tmp_path / "out"), "-q", "--public", "roles"]) == 0
+    io = capsys.readouterr()
+    assert "checked: pre -> server -> post matches" in io.out  # exact, but not private: hence the warning
+    warning = [ln for ln in io.err.splitlines() if "warning" in ln]
+    assert len(warning) == 1 and "'role_features'" in warning[0] and "block of size 4" in warning[0], io.err
+    assert "graph input 'roles'" in warning[0] and "weight 'w'" in warning[0]
+    assert cli.main(["inspect", str(path), "--json", "--public", "roles"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["unpermuted_crossings"] == [warning[0].removeprefix("stip compile: warning: ")]
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "warning: tensor 'role_features' sent to the server keeps" in capsys.readouterr().out
