@@ -38,7 +38,11 @@ def is_lift(g: Graph, idx: int, j: int) -> bool:
     """Does input j of node idx turn values into features through a weight (embedding, patch conv, linear)?"""
     n = g.model.graph.node[idx]
     weights = contract(n).lifts.get(j)
-    return weights is not None and any(w < len(n.input) and n.input[w] in g.constants for w in weights)
+    if weights is None:
+        return False
+    if n.op_type == "Gather":  # a table computed from constants only (int8 dequantized first) is a table too
+        return n.input[0] in g.constants or _static_producers(g, n.input[0]) is not None
+    return any(w < len(n.input) and n.input[w] in g.constants for w in weights)
 
 
 def reads(n, k: int, j: int) -> bool:

@@ -731,6 +731,21 @@ def ms_matmul_nbits(ctx: RuleContext) -> None:
                "compile the float model, then quantize the server graph of the bundle")
 
 
+@rule("DequantizeLinear")
+def dequantize_linear(ctx: RuleContext) -> None:
+    """(x - zero_point) * scale, elementwise: per-tensor parameters have no axes; per-axis ones (1-D, `axis`)
+    share x's axis and take its permutation, as a bias does. Blocked quantization (block_size) is pinned."""
+    rank = len(ctx.shape_in(0))
+    broadcast_into(ctx, 0)
+    if ctx.attr("block_size", 0):
+        ctx.fix_all("blocked DequantizeLinear")
+        return
+    axis = ctx.attr("axis", 1) % max(rank, 1)
+    for j in (1, 2):
+        if j < len(ctx.node.input) and ctx.node.input[j] and len(ctx.shape_in(j)) == 1 and ctx.shape_in(j)[0] != 1:
+            ctx.eq(ctx.ax_in(j, 0), ctx.ax_in(0, axis))
+
+
 def fallback(ctx: RuleContext) -> None:
     """No rule: every axis the op touches must stay unpermuted (a conflict if it is on the hidden path)."""
     ctx.fix_all(f"{ctx.node.op_type} has no permutation rule")

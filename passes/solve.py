@@ -359,13 +359,24 @@ def _structured_size(sp: Spaces, kind: str, parts: list[int]):
     return int(np.prod(sizes)) if kind == "prod" else sum(sizes)
 
 
+# Ops that read an int8 embedding table directly (formats.py refuses int8 weights that reach a MatMul/Gemm/Conv)
+QUANTIZED_TABLE_OPS = ("Gather", "Cast", "DequantizeLinear")
+
+
 class _NoShape(Exception):
     def __init__(self, name: str):
         self.name = name
 
 
 def _weight_feature_axes(node, j: int, value: np.ndarray) -> list[int]:
-    """Axes of a weight that carry features (must be permuted for the model to be protected): see OpContract."""
+    """Axes of a weight that carry features (must be permuted for the model to be protected): see OpContract.
+    Size-1 axes (a per-row scale [V, 1]) are broadcast and carry none."""
+    return [a for a in _feature_axes(node, j, value) if value.shape[a] > 1]
+
+
+def _feature_axes(node, j: int, value: np.ndarray) -> list[int]:
+    if value.ndim >= 2 and value.dtype in (np.int8, np.uint8) and j == 0 and node.op_type in QUANTIZED_TABLE_OPS:
+        return [value.ndim - 1]  # an int8-quantized embedding table: gathered, or cast/dequantized first
     if value.ndim < 2 or value.dtype.kind != "f":
         return []
     return sorted({a % value.ndim for a in contract(node).weights.get(j, ())})

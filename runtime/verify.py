@@ -30,9 +30,19 @@ def index_range(g: Graph, name: str) -> int:
     reached = {name} | {o for i in cone for o in g.model.graph.node[i].output}
     sizes = []
     for i, n in enumerate(g.model.graph.node):
-        if n.op_type == "Gather" and n.input[0] in g.constants and n.input[1] in reached:
-            sizes.append(g.constants[n.input[0]].shape[int(_attr(n, "axis", 0))])
+        if n.op_type == "Gather" and n.input[1] in reached and _is_table(g, n.input[0]):
+            rows = g.shapes[n.input[0]][int(_attr(n, "axis", 0))]
+            if isinstance(rows, int):
+                sizes.append(rows)
     return min(sizes) if sizes else 2
+
+
+def _is_table(g: Graph, name: str) -> bool:
+    """A constant, or computed from constants only (an int8 table dequantized before the Gather)."""
+    if name in g.constants:
+        return True
+    p = g.producer.get(name)
+    return p is not None and all(_is_table(g, x) for x in g.model.graph.node[p].input if x)
 
 
 def _attr(n, name, default):

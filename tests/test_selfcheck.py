@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 from graphs import embed_then, ints, model, save, weight
 from onnx import TensorProto, helper, numpy_helper
@@ -192,3 +193,56 @@ def test_warns_about_a_crossing_tensor_with_a_plaintext_feature_block(tmp_path, 
     assert rep["unpermuted_crossings"] == [warning[0].removeprefix("stip compile: warning: ")]
     assert cli.main(["inspect", str(path)]) == 0
     assert "warning: tensor 'role_features' sent to the server keeps" in capsys.readouterr().out
+
+
+INT8_VARIANTS = ["per-row", "per-column", "dequantize-after", "dequantize-before"]
+
+
+def int8_embedding(src, dst, variant: str, ids_input: str = "input_ids") -> None:
+    """Rewrite the token embedding as int8 weight-only quantized: int8 table, per-row or per-column scale,
+    dequantized by Cast + Mul or by DequantizeLinear (after the Gather, as quantize_dynamic does, or before)."""
+    m = onnx.load(str(src))
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    node = next(n for n in g.node if n.op_type == "Gather" and n.input[1] == ids_input and n.input[0] in inits)
+    name, out = node.input[0], node.output[0]
+    table = numpy_helper.to_array(inits[name]).astype(np.float32)
+    scale = np.abs(table).max(axis=1, keepdims=True) if variant == "per-row" else np.abs(table).max(axis=0)
+    scale = (scale / 127).astype(np.float32)
+    q = np.round(table / scale).clip(-127, 127).astype(np.int8)
+    qn, sn, zn = name + ".int8", name + ".scale", name + ".zp"
+    g.initializer.remove(inits[name])
+    g.initializer.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn),
+                          numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn)])
+    gather_q = helper.make_node("Gather", [qn, ids_input], [out + ".q"], name="emb_q")
+    cast = helper.make_node("Cast", [out + ".q"], [out + ".f"], to=TensorProto.FLOAT)
+    new = {
+        "per-row": [gather_q, cast, helper.make_node("Gather", [sn, ids_input], [out + ".s"], name="emb_scale"),
+                    helper.make_node("Mul", [out + ".f", out + ".s"], [out])],
+        "per-column": [gather_q, cast, helper.make_node("Mul", [out + ".f", sn], [out])],
+        "dequantize-after": [gather_q, helper.make_node("DequantizeLinear", [out + ".q", sn, zn], [out], axis=-1)],
+        "dequantize-before": [helper.make_node("DequantizeLinear", [qn, sn, zn], [name + ".deq"], axis=1),
+                              helper.make_node("Gather", [name + ".deq", ids_input], [out], name="emb")],
+    }[variant]
+    idx = list(g.node).index(node)
+    g.node.remove(node)
+    for k, n in enumerate(new):
+        g.node.insert(idx + k, n)
+    onnx.save(m, str(dst))
+
+
+@pytest.mark.parametrize("family,variant", [("bert", v) for v in INT8_VARIANTS] + [("llama-cache", "per-row")])
+def test_int8_embedding_compiles_exactly_with_private_ids(zoo, tmp_path, family, variant):
+    src, path, out = zoo.get(family), tmp_path / "int8.onnx", tmp_path / "out"
+    int8_embedding(src, path, variant)
+    report = compile_model(path, out)  # the self-check compares against the int8 original
+    assert "input_ids" in report["private_inputs"]
+    manifest = json.loads((out / "client" / "stip.json").read_text())
+    q = next(numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.name.endswith(".int8"))
+    assert manifest["vocab_size"]["input_ids"] == q.shape[0]  # verify and generate draw from the whole vocabulary
+    checks = verify(out, path, batch=3, seq=13, past=4)
+    assert all(c.ok for c in checks), checks
+    pre = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out / "client" / "pre.onnx")).graph.initializer}
+    shipped = [v for v in pre.values() if v.dtype == np.int8 and v.shape == q.shape]
+    assert len(shipped) == 1 and not np.array_equal(shipped[0], q)  # the int8 table's feature axis is permuted
+    assert sorted(map(bytes, shipped[0].T)) == sorted(map(bytes, q.T))
