@@ -246,3 +246,23 @@ def test_int8_embedding_compiles_exactly_with_private_ids(zoo, tmp_path, family,
     shipped = [v for v in pre.values() if v.dtype == np.int8 and v.shape == q.shape]
     assert len(shipped) == 1 and not np.array_equal(shipped[0], q)  # the int8 table's feature axis is permuted
     assert sorted(map(bytes, shipped[0].T)) == sorted(map(bytes, q.T))
+
+
+def _fp16(zoo, tmp_path):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    path = tmp_path / "bert-fp16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(zoo.get("bert"))), keep_io_types=False), str(path))
+    return path
+
+
+def test_fp16_model_is_checked_at_fp16_precision(zoo, tmp_path):
+    report = compile_model(_fp16(zoo, tmp_path), tmp_path / "out")
+    tol = {r["output"]: r["tolerance"] for r in report["self_check"]["outputs"]}
+    assert 1e-2 <= min(tol.values()) and max(tol.values()) < 0.1
+
+
+def test_fp16_tolerance_still_catches_a_wrong_bundle(zoo, tmp_path, bias_rule_bug):
+    with pytest.raises(StipError, match="self-check failed: output '(last_hidden_state|pooler_output)'"):
+        compile_model(_fp16(zoo, tmp_path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
