@@ -61,7 +61,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    """Show what the compiler sees in a model (layers, spaces, boundary, blockers), or what a bundle holds."""
+    """Show what the compiler sees in a model (layers, spaces, boundary, warnings) and every blocker compile would
+    refuse it with (exit 0: it is a report; JSON "compiles" and "blockers"), or what a bundle holds."""
     from stip.compiler.inspect import inspect_bundle, inspect_model
     from stip.compiler.report import render
 
