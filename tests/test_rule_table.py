@@ -83,6 +83,7 @@ CASES.update({
     "Split": Case([act(2, 3, 6), iconst([2, 4])], [(2, 3, 2), (2, 3, 4)], {"axis": 2}),
     "Slice": Case([act(2, 3, 8), iconst([2]), iconst([6]), iconst([2])], [(2, 3, 4)]),
     "Gather": Case([w(10, 4), ids(2, 3)], [(2, 3, 4)]),
+    "DequantizeLinear": Case([np.ones((10, 4), np.int8), w(4), np.zeros(4, np.int8)], [(10, 4)]),
     "ArgMax": Case([X], [(2, 3)], {"axis": 2, "keepdims": 0}),
     "ArgMin": Case([X], [(2, 3)], {"axis": 2, "keepdims": 0}),
     "Conv": Case([act(2, 3, 8, 8), w(4, 3, 2, 2), w(4)], [(2, 4, 7, 7)]),
