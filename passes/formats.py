@@ -12,7 +12,7 @@ from stip.passes.graph import Graph
 # onnxruntime.quantization (dynamic and static/QDQ) and the contrib quantized kernels
 QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv", "ConvInteger",
                  "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "QGemm", "QuantizeLinear",
-                 "QLinearAdd", "QLinearMul", "QOrderedMatMul", "DynamicQuantizeLSTM", "MatMulNBits"}
+                 "QLinearAdd", "QLinearMul", "QOrderedMatMul", "DynamicQuantizeLSTM"}
 INT8 = {2, 3}  # onnx.TensorProto.UINT8, INT8
 # ops a dequantized weight passes through on its way to the MatMul that uses it
 DEQUANT_PATH = {"Cast", "DequantizeLinear", "Mul", "Sub", "Add", "Reshape", "Transpose", "Unsqueeze", "Squeeze",
