@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="where the server graph runs (default: CUDA when a GPU is visible)")
     gn.add_argument("--server", metavar="URL", help="run the server graph remotely (stip serve / Triton), e.g. "
-                    "http://127.0.0.1:8000; then BUNDLE may be just the client/ directory")
+                    "http://127.0.0.1:8000, or grpc://127.0.0.1:8001 (Triton's gRPC); then BUNDLE may be just "
+                    "the client/ directory")
     gn.add_argument("--model-name", default="stip", help="model name on the server (default: stip)")
     gn.add_argument("--token-file", metavar="FILE",
                     help="a file holding the bearer token for a server started with --auth-tokens")
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one model input from a .npy file (repeatable), or --inputs FILE.npz")
     rn.add_argument("--inputs", metavar="FILE.npz", help="all model inputs from one .npz file")
     rn.add_argument("-o", "--output", metavar="FILE.npz", help="write the outputs here")
-    rn.add_argument("--server", metavar="URL", help="run the server graph remotely, e.g. http://127.0.0.1:8000")
+    rn.add_argument("--server", metavar="URL", help="run the server graph remotely, e.g. http://127.0.0.1:8000 "
+                    "or grpc://127.0.0.1:8001")
     rn.add_argument("--model-name", default="stip", help="model name on the server (default: stip)")
     rn.add_argument("--token-file", metavar="FILE",
                     help="a file holding the bearer token for a server started with --auth-tokens")

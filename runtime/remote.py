@@ -2,7 +2,9 @@
 Inference Protocol endpoint (`stip serve`, or Triton with `stip export-triton`).
 
 Why tritonclient: it is the official client of the protocol that Triton and KServe speak, so a client that works
-against `stip serve` works unchanged against a real Triton deployment.
+against `stip serve` works unchanged against a real Triton deployment. The URL's scheme picks the transport:
+http(s)://HOST:PORT uses tritonclient.http, grpc(s)://HOST:PORT tritonclient.grpc (KServe v2
+GRPCInferenceService; cheaper per request, which counts once per generated token).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ _DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": 
 def _host_port(url: str) -> tuple[str, bool]:
     u = urlparse(url if "://" in url else f"http://{url}")
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise StipError(f"--server {url}: expected http://HOST:PORT")
+        raise StipError(f"--server {url}: expected http://HOST:PORT (or grpc://HOST:PORT)")
     return f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}", u.scheme == "https"
 
 
@@ -42,6 +44,27 @@ def read_token(path: str | Path | None) -> str | None:
     return lines[0]
 
 
+GRPC_SCHEMES = ("grpc", "grpcs")
+
+
+def _grpc_endpoint(url: str) -> tuple[str, bool] | None:
+    """grpc(s)://HOST[:PORT] -> (HOST:PORT, tls); None for any other scheme (HTTP)."""
+    u = urlparse(url)
+    if u.scheme not in GRPC_SCHEMES:
+        return None
+    if not u.hostname:
+        raise StipError(f"--server {url}: expected grpc://HOST:PORT")
+    return f"{u.hostname}:{u.port or 8001}", u.scheme == "grpcs"
+
+
+def _grpc_module(url: str):
+    try:
+        import tritonclient.grpc as grpc
+    except (ImportError, RuntimeError):  # tritonclient without its grpc extra raises RuntimeError
+        raise StipError(f"--server {url}: gRPC needs tritonclient's grpc extra: pip install 'tritonclient[grpc]'")
+    return grpc
+
+
 class RemoteServer:
     """A remote server graph with the same interface as stip.runtime.bundle.Server (run, sequence, key_id).
 
@@ -50,24 +73,30 @@ class RemoteServer:
 
     def __init__(self, url: str, model_name: str = "stip", timeout: float = 60.0, token: str | None = None,
                  ca_cert: str | Path | None = None):
-        import tritonclient.http as http
-
-        self.http = http
-        self.url, self.model_name = url, model_name
+        self.url, self.model_name, self.timeout = url, model_name, timeout
         self.where = f"{url} model '{model_name}'"
-        hostport, ssl = _host_port(url)
+        grpc_endpoint = _grpc_endpoint(url)
+        self.grpc = grpc_endpoint is not None
+        hostport, ssl = grpc_endpoint or _host_port(url)
         self.headers = {"Authorization": f"Bearer {token}"} if token else None
         options = {}
         if ca_cert is not None:
             if not ssl:
-                raise StipError(f"--ca-cert is for an https:// server, not {url}")
+                raise StipError(f"--ca-cert is for an https:// or grpcs:// server, not {url}")
             if not Path(ca_cert).is_file():
                 raise StipError(f"--ca-cert {ca_cert}: no such file")
-            options["ssl_options"] = {"ca_certs": str(ca_cert)}
-        self.client = http.InferenceServerClient(hostport, ssl=ssl, connection_timeout=timeout,
-                                                 network_timeout=timeout, **options)
+            options = {"root_certificates": str(ca_cert)} if self.grpc else {"ssl_options": {"ca_certs": str(ca_cert)}}
+        if self.grpc:
+            self.http = _grpc_module(url)  # the transport module: tritonclient.grpc or tritonclient.http
+            self.client = self.http.InferenceServerClient(hostport, ssl=ssl, **options)
+        else:
+            import tritonclient.http as http
+
+            self.http = http
+            self.client = http.InferenceServerClient(hostport, ssl=ssl, connection_timeout=timeout,
+                                                     network_timeout=timeout, **options)
         try:
-            meta = self.client.get_model_metadata(model_name, headers=self.headers)
+            meta = self.client.get_model_metadata(model_name, headers=self.headers, **self._json())
         except Exception as e:  # connection refused, 404, ...
             raise StipError(f"{self.where}: cannot get model metadata ({str(e).splitlines()[0][:160]})") from None
         self.key_id = meta.get("parameters", {}).get(KEY_ID_PARAMETER) or self._key_id_from_config()
@@ -77,12 +106,21 @@ class RemoteServer:
         self.output_names = [o["name"] for o in meta["outputs"]]
         self._types = {i["name"]: i["datatype"] for i in meta["inputs"]}
 
+    def _timeout(self) -> dict:
+        return {"client_timeout": self.timeout} if self.grpc else {}
+
+    def _json(self) -> dict:
+        """gRPC calls: answers as JSON dicts (as over HTTP) and the timeout per call."""
+        return {"as_json": True, "client_timeout": self.timeout} if self.grpc else {}
+
     def _key_id_from_config(self) -> str | None:
         """Triton's model metadata has no parameters; its model config does (written by stip export-triton)."""
         try:
-            config = self.client.get_model_config(self.model_name, headers=self.headers)
+            config = self.client.get_model_config(self.model_name, headers=self.headers, **self._json())
         except Exception:  # noqa: BLE001 - no config endpoint: no key id
             return None
+        if self.grpc:
+            config = config.get("config", {})  # ModelConfigResponse wraps the config
         return config.get("parameters", {}).get(KEY_ID_PARAMETER, {}).get("string_value")
 
     def run(self, feeds: dict[str, np.ndarray], sequence: dict | None = None) -> dict[str, np.ndarray]:
@@ -91,12 +129,13 @@ class RemoteServer:
             value = np.ascontiguousarray(feeds[name]).astype(_DTYPES.get(self._types[name], None) or
                                                               feeds[name].dtype, copy=False)
             inp = self.http.InferInput(name, list(value.shape), self._types[name])
-            inp.set_data_from_numpy(value, binary_data=True)
+            inp.set_data_from_numpy(value, **({} if self.grpc else {"binary_data": True}))
             inputs.append(inp)
-        outputs = [self.http.InferRequestedOutput(n, binary_data=True) for n in self.output_names]
+        outputs = [self.http.InferRequestedOutput(n, **({} if self.grpc else {"binary_data": True}))
+                   for n in self.output_names]
         try:
             result = self.client.infer(self.model_name, inputs, outputs=outputs, headers=self.headers,
-                                       **(sequence or {}))
+                                       **(sequence or {}), **self._timeout())
         except Exception as e:
             raise StipError(f"{self.where}: inference failed: {str(e).splitlines()[0][:200]}") from None
         return {n: result.as_numpy(n) for n in self.output_names}
@@ -106,7 +145,8 @@ class RemoteServer:
 
     def end_sequence(self, sequence_id: int) -> None:
         """Free a sequence on the server now (stip serve: a request without inputs and with sequence_end)."""
-        self.client.infer(self.model_name, [], headers=self.headers, sequence_id=sequence_id, sequence_end=True)
+        self.client.infer(self.model_name, [], headers=self.headers, sequence_id=sequence_id, sequence_end=True,
+                          **self._timeout())
 
     def close(self) -> None:
         self.client.close()

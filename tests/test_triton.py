@@ -17,6 +17,7 @@ from triton_fixture import ensure_venv, triton, unsupported
 
 from stip.compiler.pipeline import compile_model
 from stip.runtime.bundle import Client, LocalDeployment, Server
+from stip.runtime.errors import StipError
 from stip.runtime.verify import random_feeds
 
 pytestmark = pytest.mark.skipif(unsupported() is not None, reason=f"no real Triton here: {unsupported()}")
@@ -150,13 +151,51 @@ def test_concurrent_requests_are_batched_and_stay_exact(server, zoo, bundles):
     print(f"8 concurrent requests ({rows} rows) ran in {runs} onnxruntime runs")
 
 
-def test_remote_client_over_http(server, zoo, bundles):
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+def test_remote_client(server, zoo, bundles, proto):
+    """stip's RemoteClient (pre here -> Triton -> post here) equals the original model and the in-process
+    deployment, over HTTP and over gRPC."""
     from stip.runtime.remote import RemoteClient
 
     model, bundle = zoo.get("bert"), bundles["bert"]
-    remote = RemoteClient(bundle / "client", server.http_url, model_name="bert")
-    feeds = random_feeds(model, batch=2, seq=7, seed=3)
-    got, want, local = remote.run(feeds), run_model(model, feeds), LocalDeployment(bundle, device="cpu").run(feeds)
-    for n in want:
-        np.testing.assert_allclose(got[n], want[n], atol=1e-4, rtol=1e-4, err_msg=n)
-        np.testing.assert_allclose(got[n], local[n], atol=1e-6, rtol=1e-6, err_msg=n)
+    remote = RemoteClient(bundle / "client", getattr(server, f"{proto}_url"), model_name="bert")
+    assert remote.server.grpc == (proto == "grpc")
+    for batch, seq in ((2, 7), (5, 12)):
+        feeds = random_feeds(model, batch=batch, seq=seq, seed=seq)
+        got, want = remote.run(feeds), run_model(model, feeds)
+        local = LocalDeployment(bundle, device="cpu").run(feeds)
+        for n in want:
+            np.testing.assert_allclose(got[n], want[n], atol=1e-4, rtol=1e-4, err_msg=n)
+            np.testing.assert_allclose(got[n], local[n], atol=1e-6, rtol=1e-6, err_msg=n)
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+def test_key_id_checked_at_connect(server, zoo, bundles, tmp_path, proto):
+    """Triton's metadata has no parameters: the key id comes from the model config, over either transport."""
+    from stip.runtime.remote import RemoteClient, RemoteServer
+
+    url = getattr(server, f"{proto}_url")
+    assert RemoteServer(url, "bert").key_id == Server(bundles["bert"] / "server").key_id
+    other = tmp_path / "other"
+    compile_model(zoo.get("bert"), other)
+    with pytest.raises(StipError, match="key id .* does not match"):
+        RemoteClient(other / "client", url, model_name="bert")
+    with pytest.raises(StipError, match="cannot get model metadata"):
+        RemoteClient(bundles["bert"] / "client", url, model_name="nope")
+
+
+def test_cli_run_over_grpc(server, zoo, bundles, tmp_path):
+    model, bundle = zoo.get("bert"), bundles["bert"]
+    feeds = random_feeds(model, batch=2, seq=6, seed=11)
+    np.savez(tmp_path / "in.npz", **feeds)
+    r = subprocess.run([*CLI, "run", str(bundle / "client"), "--server", server.grpc_url, "--model-name", "bert",
+                        "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    want = run_model(model, feeds)
+    with np.load(tmp_path / "out.npz") as z:
+        for n in want:
+            np.testing.assert_allclose(z[n], want[n], atol=1e-4, rtol=1e-4, err_msg=n)
+    r = subprocess.run([*CLI, "run", str(bundle / "client"), "--server", "grpc://", "--inputs",
+                        str(tmp_path / "in.npz")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "expected grpc://HOST:PORT" in r.stderr and "Traceback" not in r.stderr
