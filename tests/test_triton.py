@@ -36,7 +36,7 @@ def export(bundle: Path, repo: Path, *args: str) -> Path:
 def bundles(zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("triton-bundles")
     out = {}
-    for family in ("bert",):
+    for family in ("bert", "gpt2-cache", "llama-cache"):
         compile_model(zoo.get(family), root / family)
         out[family] = root / family
     return out
@@ -199,3 +199,49 @@ def test_cli_run_over_grpc(server, zoo, bundles, tmp_path):
     r = subprocess.run([*CLI, "run", str(bundle / "client"), "--server", "grpc://", "--inputs",
                         str(tmp_path / "in.npz")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "expected grpc://HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+
+
+def _needles(bundle: Path) -> dict[str, bytes]:
+    """Byte patterns of the secrets: every permutation of the key and its inverse (as int64/int32/int16/float32
+    arrays), and every table of the client graphs (the permuted embeddings, position tables, post's weights)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from stip.compiler.keys import read_key
+
+    out = {}
+    _, perms = read_key(bundle / "developer" / "key.npz")
+    for name, p in perms.items():
+        flat = p.reshape(-1)
+        if flat.size < 8:
+            continue
+        for kind, arr in (("", flat), ("inverse ", np.argsort(flat) if p.ndim == 1 else flat)):
+            for dt in (np.int64, np.int32, np.int16, np.float32):
+                out[f"{kind}permutation {name} as {np.dtype(dt).name}"] = arr.astype(dt).tobytes()
+    for graph in ("pre.onnx", "post.onnx"):
+        for t in onnx.load(str(bundle / "client" / graph)).graph.initializer:
+            v = numpy_helper.to_array(t)
+            if v.ndim >= 2 and v.size >= 64:
+                out[f"{graph} table {t.name}"] = v.tobytes()
+    return out
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2-cache", "llama-cache"])
+def test_repository_holds_no_key_material(bundles, tmp_path, family):
+    """Keys never reach Triton: the exported repository is the server graph and its config, and no file in it
+    holds a permutation of the key (or its inverse) or a client table, byte for byte."""
+    bundle = bundles[family]
+    repo = export(bundle, tmp_path / "repo")
+    files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+    server_files = sorted(p.name for p in (bundle / "server").iterdir())
+    assert files == sorted(["stip/config.pbtxt", *[f"stip/1/{n}" for n in server_files]]), files
+    blob = b"".join((repo / f).read_bytes() for f in files)
+    needles = _needles(bundle)
+    assert sum(k.startswith("permutation") for k in needles) >= 4 * 5 and any("table" in k for k in needles)
+    # the search finds what is there: the key file holds the permutations, pre.onnx its tables
+    key_blob = (bundle / "developer" / "key.npz").read_bytes() + (bundle / "client" / "pre.onnx").read_bytes()
+    assert all(v in key_blob for k, v in needles.items()
+               if (k.startswith("permutation") and k.endswith("int64")) or "pre.onnx" in k)
+    found = [k for k, v in needles.items() if v in blob]
+    assert not found, f"{family}: the Triton repository holds {found[:3]}"
+    assert (bundle / "developer" / "key.npz").read_bytes() not in blob
