@@ -176,11 +176,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_export_triton(a: argparse.Namespace) -> int:
-    """Write a Triton Inference Server model repository for a bundle's server graph: REPO/NAME/config.pbtxt
-    (platform onnxruntime_onnx, inputs/outputs without the KV cache, dynamic batching, or sequence batching with
-    implicit state for the KV cache, and the key id as parameter stip_key_id) and REPO/NAME/1/model.onnx. Serve
-    it with `tritonserver --model-repository REPO` (Triton's onnxruntime backend); clients of `stip serve`,
-    tritonclient included, work unchanged, and read the key id from GET /v2/models/NAME/config."""
+    """Write a Triton Inference Server model repository for a bundle's server graph: REPO/NAME/config.pbtxt (the
+    key id as parameter stip_key_id) and REPO/NAME/1/model.onnx. Encoders: Triton's onnxruntime backend with dynamic
+    batching. Decoders with a KV cache: Triton's Python backend running REPO/NAME/1/model.py, which keeps each
+    sequence's permuted cache (sequence batcher; onnxruntime must be installed for the Python backend). Serve it
+    with `tritonserver --model-repository REPO`; clients of `stip serve`, tritonclient included, work unchanged
+    over HTTP or gRPC, and read the key id from the model config. No key material is written."""
     from stip.compiler.triton import export_triton
 
     dest = export_triton(a.bundle, a.output, name=a.model_name, max_batch_size=a.max_batch_size, force=a.force,
@@ -341,12 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("-o", "--output", required=True, metavar="REPO", help="Triton model repository to write")
     et.add_argument("--model-name", default="stip", help="model name in the repository (default stip)")
     et.add_argument("--max-batch-size", type=int, default=None,
-                    help="Triton max_batch_size (default: 8 for encoders, 1 for KV-cache decoders, 0 when a "
-                    "tensor has no dynamic batch dim)")
+                    help="Triton max_batch_size (default: 8 for encoders, 0 when a tensor has no dynamic batch "
+                    "dim; KV-cache decoders are always 0: one sequence per request)")
     et.add_argument("--sequence-timeout", type=float, default=300.0, metavar="SECONDS",
                     help="KV-cache graphs: max_sequence_idle_microseconds, in seconds (default 300)")
     et.add_argument("--max-sequences", type=int, default=64,
-                    help="KV-cache graphs: candidate sequences per model instance (default 64)")
+                    help="KV-cache graphs: sequences in flight at once (max_candidate_sequences, default 64)")
     et.add_argument("--force", action="store_true", help="write into a non-empty REPO, replacing REPO/NAME")
     return p
 

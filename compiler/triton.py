@@ -1,19 +1,22 @@
 """`stip export-triton`: a Triton Inference Server model repository for a bundle's server graph.
 
 Why: `stip serve` speaks the same protocol as Triton (KServe v2 / Open Inference Protocol), so an operator who
-outgrows one machine serves the same permuted server/model.onnx on Triton's onnxruntime backend, and clients
-(`stip.runtime.remote`, `tritonclient`) do not change. The repository:
+outgrows one machine serves the same permuted server/model.onnx on Triton, and clients (`stip.runtime.remote`,
+`tritonclient`, over HTTP or gRPC) do not change. The repository holds the server graph and its config only:
 
-    REPO/<name>/config.pbtxt     platform onnxruntime_onnx; inputs and outputs without the KV cache; batching;
-                                 parameters { key: "stip_key_id" ... } (the key id, for the client's check)
+    REPO/<name>/config.pbtxt     inputs and outputs without the KV cache; batching; parameters { key:
+                                 "stip_key_id" ... } (the key id, for the client's check)
     REPO/<name>/1/model.onnx     the server graph, unchanged (+ model.onnx.data when its weights are external)
+    REPO/<name>/1/model.py       graphs with a KV cache only: stip.compiler.triton_model, unchanged
 
-Stateless graphs (encoders) get `dynamic_batching`. Graphs with a KV cache get `sequence_batching` with implicit
-state (Triton's "implicit state management"): each `past_key_values.*` input / `present.*` output pair is a
-`state` whose initial value is an empty cache (zero-length past axis), so Triton keeps each sequence's permuted
-cache, and clients send `sequence_id` / `sequence_start` / `sequence_end` exactly as they do to `stip serve`.
-A model has one scheduler in Triton, so a cache graph has sequence_batching (the "oldest" strategy, which batches
-through the dynamic batcher) and no separate dynamic_batching block.
+Which backend, and why:
+- Stateless graphs (encoders): platform onnxruntime_onnx (Triton's onnxruntime backend) with `dynamic_batching`.
+- Graphs with a KV cache (decoders): backend "python" running model.py, which keeps each sequence's permuted cache
+  per correlation id (as `stip serve` does) under the sequence batcher (the "oldest" strategy: sequences
+  interleave; an idle sequence is freed after --sequence-timeout). Triton's implicit state is not used: its core
+  gives a sequence's first request a cache with every variable dim set to 1, not 0, so the "empty" first cache
+  would be a slot of zeros (or uninitialised memory) that the unmodified server graph attends to. The Python
+  backend needs onnxruntime (or onnxruntime-gpu) installed in its Python environment.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from stip.runtime.triton_config import config_json, model_config
 
 __all__ = ["config_json", "export_triton", "graph_tensors", "model_config", "to_pbtxt"]
 
+SEQUENCE_MODEL = Path(__file__).with_name("triton_model.py")  # REPO/<name>/1/model.py for KV-cache graphs
 
 
 def _onnx_types() -> dict[int, str]:
@@ -150,6 +154,8 @@ def export_triton(bundle: str | Path, repo: str | Path, name: str = "stip", max_
         for f in sorted(src.iterdir()):  # the graph and its external data file, if any
             if f.is_file():
                 shutil.copy2(f, model_dir / "1" / f.name)
+        if pairs:
+            shutil.copyfile(SEQUENCE_MODEL, model_dir / "1" / "model.py")
         for d in (tmp, model_dir, model_dir / "1"):
             d.chmod(0o755)
         if fresh:

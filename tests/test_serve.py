@@ -1,6 +1,6 @@
 """`stip serve` as a real process on loopback (no mocks): KServe v2 / Open Inference Protocol endpoints, JSON and
 binary tensors, tritonclient interop, server-held KV-cache sequences, limits, bad requests, /metrics, and a
-bounded load test. Also `stip export-triton`, checked against Triton's own model_config.proto."""
+bounded load test."""
 
 from __future__ import annotations
 
@@ -514,54 +514,3 @@ def test_load_32_clients_x_50_requests(main_server, bundles, refs):
     if os.environ.get("STIP_SERVE_REPORT"):  # where to keep the numbers, e.g. for a benchmark note
         Path(os.environ["STIP_SERVE_REPORT"]).write_text(report + "\n")
     assert main_server.alive()
-
-
-def test_export_triton_repository(bundles, tmp_path, refs):
-    import importlib.util
-
-    import tritonclient
-    from google.protobuf import text_format
-
-    spec = importlib.util.spec_from_file_location(
-        "triton_model_config_pb2", Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py")
-    pb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pb)
-    cli = [sys.executable, "-m", "stip.compiler.cli", "export-triton"]
-    repo = tmp_path / "repo"
-
-    def run(*args):
-        return subprocess.run([*cli, *map(str, args)], capture_output=True, text=True, timeout=120)
-
-    r = run(bundles["llama"], "-o", repo, "--model-name", "llama")
-    assert r.returncode == 0, r.stderr
-    assert "tritonserver --model-repository" in r.stdout
-    cfg = text_format.Parse((repo / "llama" / "config.pbtxt").read_text(), pb.ModelConfig())
-    assert cfg.name == "llama" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 1
-    assert [i.name for i in cfg.input] == [n for n in refs["llama"].input_names if not n.startswith("past")]
-    assert [o.name for o in cfg.output] == ["logits.stip_server"]
-    assert cfg.input[0].data_type == pb.TYPE_FP32 and list(cfg.input[0].dims) == [-1, 32]
-    assert cfg.parameters["stip_key_id"].string_value == refs["llama"].key_id
-    states = cfg.sequence_batching.state
-    assert [(s.input_name, s.output_name) for s in states] == [
-        (f"past_key_values.{i}.{kv}", f"present.{i}.{kv}") for i in range(2) for kv in ("key", "value")]
-    assert list(states[0].dims) == [2, -1, 8] and states[0].data_type == pb.TYPE_FP32
-    assert list(states[0].initial_state[0].dims) == [2, 0, 8] and states[0].initial_state[0].zero_data
-    assert cfg.sequence_batching.HasField("oldest") and not cfg.HasField("dynamic_batching")
-    assert (repo / "llama" / "1" / "model.onnx").read_bytes() == (bundles["llama"] / "server" /
-                                                                   "model.onnx").read_bytes()
-    # a non-empty repository is refused without --force, and nothing is changed
-    r = run(bundles["bert"], "-o", repo, "--model-name", "bert")
-    assert r.returncode == 2 and "--force" in r.stderr and not (repo / "bert").exists()
-    r = run(bundles["bert"], "-o", repo, "--model-name", "bert", "--force", "--max-batch-size", "16")
-    assert r.returncode == 0, r.stderr
-    cfg = text_format.Parse((repo / "bert" / "config.pbtxt").read_text(), pb.ModelConfig())
-    assert cfg.max_batch_size == 16 and cfg.HasField("dynamic_batching") and not cfg.HasField("sequence_batching")
-    assert [list(o.dims) for o in cfg.output] == [[-1, 32], [32]]
-    assert sorted(p.name for p in repo.iterdir()) == ["bert", "llama"]  # no temporary left behind
-    # gpt2's server graph takes [2]-shaped inputs without a batch dim: Triton must not batch it
-    r = run(bundles["gpt2"] / "server", "-o", tmp_path / "g")
-    assert r.returncode == 0, r.stderr
-    cfg = text_format.Parse((tmp_path / "g" / "stip" / "config.pbtxt").read_text(), pb.ModelConfig())
-    assert cfg.max_batch_size == 0 and list(cfg.sequence_batching.state[0].initial_state[0].dims) == [1, 4, 0, 8]
-    r = run(bundles["gpt2"], "-o", tmp_path / "g2", "--max-batch-size", "4")
-    assert r.returncode == 2 and "no dynamic batch dim" in r.stderr and not (tmp_path / "g2").exists()

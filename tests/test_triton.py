@@ -4,6 +4,7 @@ RemoteClient), and a repository that holds nothing of the key."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from helpers import run_model
 from triton_fixture import ensure_venv, triton, unsupported
 
 from stip.compiler.pipeline import compile_model
+from stip.compiler.triton import SEQUENCE_MODEL
 from stip.runtime.bundle import Client, LocalDeployment, Server
 from stip.runtime.errors import StipError
 from stip.runtime.verify import random_feeds
@@ -23,6 +25,9 @@ from stip.runtime.verify import random_feeds
 pytestmark = pytest.mark.skipif(unsupported() is not None, reason=f"no real Triton here: {unsupported()}")
 
 CLI = [sys.executable, "-m", "stip.compiler.cli"]
+IDLE_S = 2
+PROMPT = [5, 9, 17, 3, 44]
+DECODERS = {"gpt2": "gpt2-cache", "llama": "llama-cache"}
 
 
 def export(bundle: Path, repo: Path, *args: str) -> Path:
@@ -44,10 +49,13 @@ def bundles(zoo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundles, tmp_path_factory):
-    """One tritonserver for the module, serving the encoder as exported (model 'bert')."""
+    """One tritonserver for the module, serving the exports as they are: the encoder ('bert', onnxruntime backend)
+    and two decoders ('gpt2', 'llama', stip's model.py in the Python backend, idle sequences freed after 2 s)."""
     ensure_venv()
     repo = tmp_path_factory.mktemp("triton-repo") / "repo"
     export(bundles["bert"], repo, "--model-name", "bert")
+    for family, name in (("gpt2-cache", "gpt2"), ("llama-cache", "llama")):
+        export(bundles[family], repo, "--model-name", name, "--sequence-timeout", str(IDLE_S))
     with triton(repo) as t:
         yield t
 
@@ -228,13 +236,15 @@ def _needles(bundle: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("family", ["bert", "gpt2-cache", "llama-cache"])
 def test_repository_holds_no_key_material(bundles, tmp_path, family):
-    """Keys never reach Triton: the exported repository is the server graph and its config, and no file in it
-    holds a permutation of the key (or its inverse) or a client table, byte for byte."""
+    """Keys never reach Triton: the exported repository is the server graph, its config (and, for decoders, stip's
+    generic model.py), and no file in it holds a permutation of the key (or its inverse) or a client table."""
     bundle = bundles[family]
     repo = export(bundle, tmp_path / "repo")
     files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
     server_files = sorted(p.name for p in (bundle / "server").iterdir())
-    assert files == sorted(["stip/config.pbtxt", *[f"stip/1/{n}" for n in server_files]]), files
+    extra = ["stip/1/model.py"] if "cache" in family else []  # stip's generic model.py, the same for every bundle
+    assert files == sorted(["stip/config.pbtxt", *[f"stip/1/{n}" for n in server_files], *extra]), files
+    assert all((repo / f).read_bytes() == SEQUENCE_MODEL.read_bytes() for f in extra)
     blob = b"".join((repo / f).read_bytes() for f in files)
     needles = _needles(bundle)
     assert sum(k.startswith("permutation") for k in needles) >= 4 * 5 and any("table" in k for k in needles)
@@ -245,3 +255,129 @@ def test_repository_holds_no_key_material(bundles, tmp_path, family):
     found = [k for k, v in needles.items() if v in blob]
     assert not found, f"{family}: the Triton repository holds {found[:3]}"
     assert (bundle / "developer" / "key.npz").read_bytes() not in blob
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoders: stip's model.py in Triton's Python backend keeps each sequence's permuted KV cache
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_generation_equals_local_with_interleaved_sequences(server, zoo, bundles, name, proto):
+    """Greedy tokens through Triton equal the plaintext model's and in-process STIP generation's, for two
+    sequences whose steps interleave on the server (each keeps its own cache under its correlation id)."""
+    from stip.runtime.generate import StipGenerator, generate_plaintext
+    from stip.runtime.remote import RemoteServer
+
+    family = DECODERS[name]
+    bundle, original = bundles[family], zoo.get(family)
+    gen = StipGenerator(bundle / "client", server=RemoteServer(getattr(server, f"{proto}_url"), name))
+    prompts = [PROMPT, [7, 1, 30]]
+    a, b = gen.generate(prompts[0], 16), gen.generate(prompts[1], 16)
+    got = [[], []]
+    for x, y in zip(a, b):  # one request for sequence A, then one for sequence B, ...
+        got[0].append(x)
+        got[1].append(y)
+    for p, tokens in zip(prompts, got):
+        assert tokens == generate_plaintext(original, p, 16)
+        assert tokens == list(StipGenerator(bundle, device="cpu").generate(p, 16))
+
+
+def test_cli_generate_against_triton(server, zoo, bundles):
+    for url in (server.http_url, server.grpc_url):
+        r = subprocess.run([*CLI, "generate", str(bundles["gpt2-cache"] / "client"), "--server", url,
+                            "--model-name", "gpt2", "--prompt-ids", ",".join(map(str, PROMPT)),
+                            "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert [int(x) for x in r.stdout.split()] == generate_plaintext_cached(zoo.get("gpt2-cache"), 8)
+
+
+def generate_plaintext_cached(model, n):
+    from stip.runtime.generate import generate_plaintext
+
+    return generate_plaintext(model, PROMPT, n)
+
+
+def test_idle_sequence_is_refused_and_freed(server, zoo, bundles):
+    """A sequence idle past --sequence-timeout: Triton refuses its next step, model.py frees its cache, and the
+    server goes on serving new sequences exactly."""
+    from stip.runtime.generate import StipGenerator, generate_plaintext
+    from stip.runtime.remote import RemoteServer
+
+    bundle = bundles["llama-cache"]
+    remote = RemoteServer(server.grpc_url, "llama")
+    client = Client(bundle / "client")
+    seq = remote.sequence(steps=None)
+    feeds = {"input_ids": np.array([PROMPT], np.int64), "attention_mask": np.ones((1, 5), np.int64),
+             "position_ids": np.arange(5, dtype=np.int64)[None]}
+    to_server, _ = client.prepare({k: v for k, v in feeds.items() if k in client.input_names})
+    seq.run(to_server)  # the prefill: model.py now holds this sequence's cache
+    time.sleep(IDLE_S + 1.5)
+    step = {"input_ids": np.array([[3]], np.int64), "attention_mask": np.ones((1, 6), np.int64),
+            "position_ids": np.array([[5]], np.int64)}
+    to_server, _ = client.prepare({k: v for k, v in step.items() if k in client.input_names}, 5)
+    with pytest.raises(StipError, match="must specify the START flag"):
+        seq.run(to_server)
+    gen = StipGenerator(bundle / "client", server=remote)
+    assert list(gen.generate(PROMPT, 6)) == generate_plaintext(zoo.get("llama-cache"), PROMPT, 6)
+    assert "freed the KV cache of 1 idle sequence(s)" in server.log.read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the repository itself, parsed with Triton's own model_config.proto
+
+
+def test_export_triton_repository(bundles, tmp_path):
+    import importlib.util
+
+    import tritonclient
+    from google.protobuf import text_format
+
+    spec = importlib.util.spec_from_file_location(
+        "triton_model_config_pb2", Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py")
+    pb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb)
+    refs = {name: Server(bundles[family] / "server", device="cpu") for name, family in
+            (("bert", "bert"), ("gpt2", "gpt2-cache"), ("llama", "llama-cache"))}
+    repo = tmp_path / "repo"
+
+    def run(*args):
+        return subprocess.run([*CLI, "export-triton", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+    r = run(bundles["llama-cache"], "-o", repo, "--model-name", "llama", "--sequence-timeout", "30")
+    assert r.returncode == 0, r.stderr
+    assert "tritonserver --model-repository" in r.stdout
+    cfg = text_format.Parse((repo / "llama" / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert cfg.name == "llama" and cfg.backend == "python" and not cfg.platform and cfg.max_batch_size == 0
+    assert [i.name for i in cfg.input] == [n for n in refs["llama"].input_names if not n.startswith("past")]
+    assert [o.name for o in cfg.output] == ["logits.stip_server"]
+    assert cfg.input[0].data_type == pb.TYPE_FP32 and list(cfg.input[0].dims) == [-1, -1, 32]
+    assert cfg.parameters["stip_key_id"].string_value == refs["llama"].key_id
+    assert json.loads(cfg.parameters["stip_cache"].string_value) == [
+        [f"past_key_values.{i}.{kv}", f"present.{i}.{kv}"] for i in range(2) for kv in ("key", "value")]
+    sb = cfg.sequence_batching
+    assert sb.HasField("oldest") and not sb.state and sb.max_sequence_idle_microseconds == 30_000_000
+    assert not cfg.HasField("dynamic_batching") and [g.count for g in cfg.instance_group] == [1]
+    assert (repo / "llama" / "1" / "model.onnx").read_bytes() == (bundles["llama-cache"] / "server" /
+                                                                   "model.onnx").read_bytes()
+    assert (repo / "llama" / "1" / "model.py").read_bytes() == SEQUENCE_MODEL.read_bytes()
+    # a non-empty repository is refused without --force, and nothing is changed
+    r = run(bundles["bert"], "-o", repo, "--model-name", "bert")
+    assert r.returncode == 2 and "--force" in r.stderr and not (repo / "bert").exists()
+    r = run(bundles["bert"], "-o", repo, "--model-name", "bert", "--force", "--max-batch-size", "16")
+    assert r.returncode == 0, r.stderr
+    cfg = text_format.Parse((repo / "bert" / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16 and cfg.HasField("dynamic_batching")
+    assert not cfg.HasField("sequence_batching") and "stip_cache" not in cfg.parameters
+    assert [list(o.dims) for o in cfg.output] == [[-1, 32], [32]]
+    assert sorted(p.name for p in repo.iterdir()) == ["bert", "llama"]  # no temporary left behind
+    assert sorted(p.name for p in (repo / "bert" / "1").iterdir()) == ["model.onnx"]
+    # gpt2's server graph takes [2]-shaped inputs without a batch dim: its own shapes, one sequence per request
+    r = run(bundles["gpt2-cache"] / "server", "-o", tmp_path / "g")
+    assert r.returncode == 0, r.stderr
+    cfg = text_format.Parse((tmp_path / "g" / "stip" / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert cfg.max_batch_size == 0 and [list(i.dims) for i in cfg.input][:2] == [[2], [2]]
+    for bad, why in ((("--max-batch-size", "4"), "one sequence per request"), (("--sequence-timeout", "0"), "> 0"),
+                     (("--max-sequences", "0"), ">= 1")):
+        r = run(bundles["gpt2-cache"], "-o", tmp_path / "g2", *bad)
+        assert r.returncode == 2 and why in r.stderr and not (tmp_path / "g2").exists(), r.stderr
