@@ -284,18 +284,15 @@ def test_generation_equals_local_with_interleaved_sequences(server, zoo, bundles
 
 
 def test_cli_generate_against_triton(server, zoo, bundles):
+    from stip.runtime.generate import generate_plaintext
+
+    want = generate_plaintext(zoo.get("gpt2-cache"), PROMPT, 8)
     for url in (server.http_url, server.grpc_url):
         r = subprocess.run([*CLI, "generate", str(bundles["gpt2-cache"] / "client"), "--server", url,
                             "--model-name", "gpt2", "--prompt-ids", ",".join(map(str, PROMPT)),
                             "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        assert [int(x) for x in r.stdout.split()] == generate_plaintext_cached(zoo.get("gpt2-cache"), 8)
-
-
-def generate_plaintext_cached(model, n):
-    from stip.runtime.generate import generate_plaintext
-
-    return generate_plaintext(model, PROMPT, n)
+        assert [int(x) for x in r.stdout.split()] == want, url
 
 
 def test_idle_sequence_is_refused_and_freed(server, zoo, bundles):
