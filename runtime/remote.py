@@ -158,8 +158,9 @@ class RemoteSequence:
 
     def __init__(self, server: RemoteServer, steps: int | None):
         self.server = server
-        # 63 random bits with the top bit set: never below 2**32, which a server without authentication refuses
-        self.id = secrets.randbits(63) | (1 << 63)
+        # 62 random bits with bit 62 set: never below 2**32, which a server without authentication refuses, and
+        # within int64, which KServe's gRPC protocol carries sequence_id in (tritonclient.grpc refuses more)
+        self.id = secrets.randbits(62) | (1 << 62)
         self.steps = steps
         self.done = 0
         self.ended = False
