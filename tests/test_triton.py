@@ -1,6 +1,7 @@
 """A real tritonserver (2.51, from the nvidia-pytriton wheel; see tests/triton_fixture.py) serving what
-`stip export-triton` wrote: config accepted by Triton, exact results over HTTP and gRPC (tritonclient and stip's
-RemoteClient), and a repository that holds nothing of the key."""
+`stip export-triton` wrote: configs accepted by Triton (and a rejected one failing the start), encoders exact over
+HTTP and gRPC (tritonclient and stip's RemoteClient), decoders generating the same tokens as local generation with
+interleaved sequences and the sequence batcher's idle timeout, and a repository that holds nothing of the key."""
 
 from __future__ import annotations
 
