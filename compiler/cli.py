@@ -72,6 +72,25 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(a: argparse.Namespace) -> int:
+    """Measure what the known attacks on permutation schemes recover from a bundle, from the server's view (its
+    graph plus sample traffic through the client's pre): weight matching and vocabulary matching against
+    --reference weights, and with no reference the linkable token encoding, attention maps, logit order and
+    plaintext inputs. developer/key.npz is used only to score the attacks; the result also goes into
+    developer/report.json."""
+    from stip.compiler.audit import audit
+    from stip.compiler.audit.render import render
+
+    if not Path(a.bundle).is_dir():
+        raise StipError(f"{a.bundle}: not a directory (expected a bundle written by `stip compile`)")
+    step, ctx = _progress(a.quiet or a.json)
+    with ctx:
+        result = audit(a.bundle, a.reference, samples=a.samples, seq=a.seq, prompts=a.prompt, layers=a.layers,
+                       progress=step)
+    print(json.dumps(result, indent=2) if a.json else render(result), end="\n" if a.json else "")
+    return 0
+
+
 def cmd_verify(a: argparse.Namespace) -> int:
     """Run the original model and pre -> server -> post on the same random inputs; PASS or FAIL (exit 1)."""
     from stip.runtime.verify import verify
@@ -233,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("target", help="an .onnx model, or a bundle directory written by `stip compile`")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     io_flags(i)
+
+    au = add("audit", cmd_audit)
+    au.add_argument("bundle", help="bundle directory written by `stip compile` (with developer/key.npz)")
+    au.add_argument("--reference", metavar="MODEL.onnx",
+                    help="weights an attacker might hold: the public base, or the original to simulate public weights")
+    au.add_argument("--samples", type=int, default=8, help="sample prompts of random token ids (default 8)")
+    au.add_argument("--seq", type=int, default=16, help="tokens per sample prompt (default 16)")
+    au.add_argument("--prompt", action="append", metavar="TEXT",
+                    help="a text prompt instead of random ids (repeatable; needs a shipped tokenizer)")
+    au.add_argument("--layers", type=int, default=2, help="layer outputs to attack after layer 0's input (default 2)")
+    au.add_argument("--json", action="store_true", help="machine-readable output")
+    au.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     gn = add("generate", cmd_generate)
     gn.add_argument("bundle", help="bundle directory of a decoder, written by `stip compile`")
