@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--seq", type=int, default=16, help="tokens per sample prompt (default 16)")
     au.add_argument("--prompt", action="append", metavar="TEXT",
                     help="a text prompt instead of random ids (repeatable; needs a shipped tokenizer)")
-    au.add_argument("--layers", type=int, default=2, help="layer outputs to attack after layer 0's input (default 2)")
+    au.add_argument("--layers", type=int, default=1,
+                    help="layer outputs to attack after layer 0's input (default 1: layer 0's output)")
     au.add_argument("--json", action="store_true", help="machine-readable output")
     au.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 

@@ -24,7 +24,7 @@ GROUND_TRUTH = ("developer/key.npz is read only to score each attack against the
 
 
 def audit(bundle: str | Path, reference: str | Path | None = None, samples: int = 8, seq: int = 16,
-          prompts: list[str] | None = None, layers: int = 2, progress: Progress | None = None,
+          prompts: list[str] | None = None, layers: int = 1, progress: Progress | None = None,
           write_report: bool = True) -> dict:
     if samples < 1 or seq < 1:
         raise StipError(f"--samples {samples}: must be at least 1")

@@ -2,7 +2,8 @@
 one whose activation has the nearest sorted values (L1) to what the server saw is taken; the hidden permutation
 leaves sorted values unchanged. Norm matching (the nearest vector norm) is the weaker variant.
 
-Layer 0's input is matched position by position against the whole vocabulary. For the first layers' outputs the
+Layer 0's input is matched position by position against the whole vocabulary (ranked by L2 of sorted values, the
+best few decided by L1). For the first layers' outputs the
 attack goes left to right as the paper does: the candidate at one position, the tokens chosen so far before it, and
 the layer-0 guess after it (decoders never look ahead). Large vocabularies shortlist candidates by layer 0.
 """
@@ -14,12 +15,12 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from stip.compiler.audit.match import verdict
+from stip.compiler.audit.match import sq_dist, verdict
 from stip.compiler.audit.traffic import server_inputs, user_feeds
 from stip.compiler.audit.view import Layout, Probe, Reference, View, run_pre
 
 FULL_VOCAB_LIMIT = 512  # deeper layers try every token below this vocabulary size, else a shortlist
-SHORTLIST = 16
+SHORTLIST = 8
 CHUNK = 1024
 
 
@@ -104,48 +105,55 @@ def _candidate_feeds(view: View, ids: np.ndarray) -> dict:
 
 
 def _layer0(view: View, ref: Reference, stage: dict, obs: np.ndarray, seq: int):
-    """Every token at every position through the reference's pre, in chunks of the vocabulary."""
+    """Every token at every position through the reference's pre, in chunks of the vocabulary. Candidates are
+    ranked by L2 distance of sorted values (one matrix product), and the best few decided by L1."""
     n = obs.shape[0]
-    best_d = np.full((n, seq), np.inf)
-    best = np.zeros((n, seq), np.int64)
+    k = min(SHORTLIST, view.vocab)
+    short_d = np.full((n, seq, k), np.inf, np.float32)
+    short = np.zeros((n, seq, k), np.int64)
     norm_d = np.full((n, seq), np.inf)
     norm = np.zeros((n, seq), np.int64)
-    k = min(SHORTLIST, view.vocab)
-    short_d = np.full((n, seq, k), np.inf)
-    short = np.zeros((n, seq, k), np.int64)
+    obs_sorted = np.sort(obs, -1)
     for lo in range(0, view.vocab, CHUNK):
         cands = np.arange(lo, min(lo + CHUNK, view.vocab))
         out = run_pre(ref.pre, view.manifest, _candidate_feeds(view, np.repeat(cands[:, None], seq, 1)))
-        act = out[stage["ref"]]  # [c, seq, d]
+        act = np.sort(out[stage["ref"]], -1)  # [c, seq, d]
         for s in range(seq):
-            d = _l1_sorted(obs[:, s], act[:, s])
-            j = d.argmin(1)
-            better = d[np.arange(n), j] < best_d[:, s]
-            best[better, s], best_d[better, s] = cands[j[better]], d[np.arange(n), j][better]
-            nd = _norm_gap(obs[:, s], act[:, s])
-            j = nd.argmin(1)
-            better = nd[np.arange(n), j] < norm_d[:, s]
-            norm[better, s], norm_d[better, s] = cands[j[better]], nd[np.arange(n), j][better]
+            d = sq_dist(obs_sorted[:, s], act[:, s])
             alld = np.concatenate([short_d[:, s], d], 1)
             allc = np.concatenate([short[:, s], np.broadcast_to(cands, (n, cands.size))], 1)
             keep = np.argsort(alld, 1)[:, :k]
             short_d[:, s], short[:, s] = np.take_along_axis(alld, keep, 1), np.take_along_axis(allc, keep, 1)
+            nd = _norm_gap(obs[:, s], act[:, s])
+            j = nd.argmin(1)
+            better = nd[np.arange(n), j] < norm_d[:, s]
+            norm[better, s], norm_d[better, s] = cands[j[better]], nd[np.arange(n), j][better]
+    best = np.zeros((n, seq), np.int64)
+    for i in range(n):  # L1 on the shortlist, as the paper measures it
+        cand = short[i]  # [seq, k]
+        out = run_pre(ref.pre, view.manifest, _candidate_feeds(view, cand.T.copy()))[stage["ref"]]  # [k, seq, d]
+        l1 = np.abs(np.sort(out, -1).transpose(1, 0, 2) - obs_sorted[i][:, None, :]).sum(-1)  # [seq, k]
+        best[i] = cand[np.arange(seq), l1.argmin(1)]
     return best, norm, short
 
 
 def _deeper(view: View, ref: Reference, stage: dict, obs: np.ndarray, start: np.ndarray, short: np.ndarray):
-    """Left to right: candidate at position s, the chosen tokens before it, the layer-0 guess after it."""
+    """Left to right: candidate at position s, the chosen tokens before it, the layer-0 guess after it (all
+    samples' candidates for one position in one batch)."""
     probe = Probe(ref.server, [stage["ref"]])
     crossing = list(ref.part.crossing)
     n, seq = start.shape
     guess, norm = start.copy(), start.copy()
-    for i in range(n):
-        for s in range(seq):
-            cands = np.arange(view.vocab) if view.vocab <= FULL_VOCAB_LIMIT else short[i, s]
-            rows = np.repeat(guess[i][None], cands.size, 0)
-            rows[:, s] = cands
-            sent = server_inputs(view, ref.pre, _candidate_feeds(view, rows), crossing)
-            act = probe.run(sent)[stage["ref"]][:, s]
-            guess[i, s] = cands[_l1_sorted(obs[i, s][None], act)[0].argmin()]
-            norm[i, s] = cands[_norm_gap(obs[i, s][None], act)[0].argmin()]
+    for s in range(seq):
+        cands = [np.arange(view.vocab) if view.vocab <= FULL_VOCAB_LIMIT else short[i, s] for i in range(n)]
+        rows = np.concatenate([np.repeat(guess[i][None], c.size, 0) for i, c in enumerate(cands)])
+        rows[:, s] = np.concatenate(cands)
+        sent = server_inputs(view, ref.pre, _candidate_feeds(view, rows), crossing)
+        act = probe.run(sent)[stage["ref"]][:, s]
+        lo = 0
+        for i, c in enumerate(cands):
+            a = act[lo:lo + c.size]
+            lo += c.size
+            guess[i, s] = c[_l1_sorted(obs[i, s][None], a)[0].argmin()]
+            norm[i, s] = c[_norm_gap(obs[i, s][None], a)[0].argmin()]
     return guess, norm
