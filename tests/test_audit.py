@@ -99,3 +99,24 @@ def test_cli_json_and_errors(audited, tmp_path, capsys):
     assert main(["audit", str(out), "--reference", str(other), "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 3 and "Traceback" not in err
+
+
+def test_prompt_texts_through_the_shipped_tokenizer(audited, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    orig, _, _, plain = audited("gpt2-cache")
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "hello private world"] * 20,
+                            trainers.BpeTrainer(vocab_size=100, special_tokens=["[UNK]"]))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    out = tmp_path / "out"
+    compile_model(orig, out, tokenizer=tmp_path / "tok")
+    prompts = ["the quick brown fox jumps", "hello private world over the dog"]
+    r = audit(out, orig, prompts=prompts, layers=1, write_report=False)
+    n = min(len(tok.encode(p).ids) for p in prompts)
+    assert r["traffic"] == {"prompts": 2, "tokens_each": n, "source": "--prompt texts", "vocabulary": 128}
+    assert _attack(r, "vocabulary matching")["stages"][0]["sorted_l1"] == 1.0
+    assert main(["audit", str(plain), "--prompt", "hello", "-q"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err

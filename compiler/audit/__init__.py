@@ -30,9 +30,8 @@ def audit(bundle: str | Path, reference: str | Path | None = None, samples: int 
         raise StipError(f"--samples {samples}: must be at least 1")
     step = progress or (lambda _label, _total: (lambda: None))
     view = load_view(bundle)
-    if view.token_input is None and (reference is not None or prompts):
-        raise StipError(f"{bundle}: no token-id input among the private inputs; vocabulary matching and "
-                        "--prompt need one")
+    if view.token_input is None and prompts:
+        raise StipError(f"{bundle}: --prompt needs a token-id input among the private inputs")
     ids = prompt_ids(view, samples, seq, prompts) if view.token_input else None
     result: dict = {"bundle": str(bundle), "key_id": view.manifest.key_id, "ground_truth": GROUND_TRUTH,
                     "reference": str(reference) if reference else None,

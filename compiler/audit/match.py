@@ -73,7 +73,8 @@ def poisson_tail(k: int, mean: float) -> float:
 
 
 def verdict(hits: int, total: int, expected: float) -> str:
-    """'recovered' (most of it, far beyond chance), 'leaks' (beyond chance), or 'chance'."""
+    """'recovered' (most of it, far beyond chance), 'leaks' (beyond chance), 'chance', or 'not significant'
+    (too few indices to tell, e.g. 2 heads)."""
     if total == 0:
         return "n/a"
     p = poisson_tail(hits, expected)
@@ -81,4 +82,4 @@ def verdict(hits: int, total: int, expected: float) -> str:
         return "recovered"
     if p < 1e-4 and hits / total > 2 * expected / total:
         return "leaks"
-    return "chance"
+    return "chance" if hits <= 2 * expected else "not significant"
