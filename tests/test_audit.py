@@ -120,3 +120,25 @@ def test_prompt_texts_through_the_shipped_tokenizer(audited, tmp_path, capsys):
     assert _attack(r, "vocabulary matching")["stages"][0]["sorted_l1"] == 1.0
     assert main(["audit", str(plain), "--prompt", "hello", "-q"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_weight_matching_sees_through_per_channel_ffn_scaling(tmp_path):
+    """A candidate defence (positive per-channel scalings folded into a ReLU FFN's up and down projections) stays
+    exact but does not hide the FFN permutation from the audit's per-slice-normalised features."""
+    import sys
+    from pathlib import Path
+
+    from stip.runtime.verify import verify
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from mitigation_ffn_scaling import scale_ffn
+
+    model = export_models.export_bert(tmp_path / "relu.onnx", dynamo=False,
+                                      config=export_models.tiny_bert_config(hidden_act="relu"))
+    out = tmp_path / "out"
+    compile_model(model, out)
+    scale_ffn(out, model, spread=3.0)
+    assert all(c.ok for c in verify(out, model, device="cpu"))
+    r = audit(out, model, samples=2, seq=4, write_report=False)
+    ffn = [s["recovered"] for s in _attack(r, "weight matching")["spaces"] if s["space"].endswith(".ffn")]
+    assert ffn and min(ffn) >= 0.99

@@ -11,11 +11,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from stip.compiler.audit import vocab_matching, weight_matching
 from stip.compiler.audit.exposure import attention_maps, linkability, logit_order, plaintext_inputs
 from stip.compiler.audit.traffic import prompt_ids
 from stip.compiler.audit.view import Layout, load_reference, load_view
-from stip.compiler.audit.vocab_matching import vocab_matching
-from stip.compiler.audit.weight_matching import weight_matching
 from stip.passes.errors import StipError
 
 Progress = Callable[[str, int | None], Callable[[], None]]
@@ -44,9 +43,10 @@ def audit(bundle: str | Path, reference: str | Path | None = None, samples: int 
         tick = step("loading the reference", None)
         ref = load_reference(reference, view)
         tick()
-        result["attacks"].append(weight_matching(view, ref, step("weight matching", len(view.key))))
+        result["attacks"].append(weight_matching.run(view, ref, step("weight matching", len(view.key))))
         if ids is not None:
-            result["attacks"].append(vocab_matching(view, ref, ids, layers, step("vocabulary matching", layers + 1)))
+            tick_v = step("vocabulary matching", layers + 1)
+            result["attacks"].append(vocab_matching.run(view, ref, ids, layers, tick_v))
     tick = step("no-reference exposures", 4)
     for fn in (linkability, attention_maps, logit_order):
         if ids is not None:

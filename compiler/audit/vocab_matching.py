@@ -60,7 +60,7 @@ def _norm_gap(obs: np.ndarray, cand: np.ndarray) -> np.ndarray:
     return np.abs(np.linalg.norm(obs, axis=-1)[:, None] - np.linalg.norm(cand, axis=-1)[None, :])
 
 
-def vocab_matching(view: View, ref: Reference, ids: np.ndarray, layers: int = 2,
+def run(view: View, ref: Reference, ids: np.ndarray, layers: int = 2,
                    tick: Callable[[], None] | None = None) -> dict:
     st = stages(view, ref, layers)
     base = {"attack": "vocabulary matching",
