@@ -74,10 +74,10 @@ def main() -> None:
             worst = max(c.max_abs for c in verify(out, model, device="cpu"))
             for attacker in ("naive", "adaptive"):
                 # naive: sorted values as they are; adaptive (what stip audit runs): also per-slice normalised
-                variants = (False,) if attacker == "naive" else (False, True)
+                variants = (0,) if attacker == "naive" else (0, 1)
                 wm.recover.__defaults__ = (variants,)
                 r = audit(out, model, samples=4, seq=8, write_report=False)
-                wm.recover.__defaults__ = ((False, True),)
+                wm.recover.__defaults__ = ((0, 1),)
                 w = r["attacks"][0]
                 ffn = [s["recovered"] for s in w["spaces"] if s["space"].endswith(".ffn")]
                 hidden = w["hidden_recovered"]

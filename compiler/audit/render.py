@@ -18,8 +18,12 @@ def render(result: dict) -> str:
     t = result["traffic"]
     con.print(f"[b]STIP audit[/b] {result['bundle']}  key id {result['key_id']}  reference: "
               f"{result['reference'] or 'none'}")
-    con.print(f"server's view: the server graph + {t['prompts']} prompts x {t['tokens_each']} tokens "
-              f"({t['source']}, vocabulary {t['vocabulary']}) through the client's pre")
+    if t["prompts"]:
+        con.print(f"server's view: the server graph + {t['prompts']} prompts x {t['tokens_each']} tokens "
+                  f"({t['source']}, vocabulary {t['vocabulary']}) through the client's pre")
+    else:
+        con.print("server's view: the server graph only (no token-id input, so no sample traffic: the vocabulary "
+                  "and encoding attacks need one)")
     con.print(f"ground truth: {result['ground_truth']}")
     s = Table("attack", "precondition", "success", "chance", "verdict", title="Attacks")
     for a in result["attacks"]:

@@ -37,34 +37,31 @@ def collect(view: View, ref: Reference) -> dict[str, list[tuple[np.ndarray, np.n
     return out
 
 
-def features(uses: list[tuple[np.ndarray, np.ndarray, int]], bins: int,
-             per_slice: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated per-weight features, each weight scaled by the reference's spread so all weigh the same;
-    with per_slice, each slice by its own norm, which undoes any per-channel scaling a defence folds in."""
-    fs, fr = [], []
+def features(uses: list[tuple[np.ndarray, np.ndarray, int]], bins: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Concatenated per-weight features in two variants: each weight scaled by the reference's spread so all weigh
+    the same, and each slice scaled by its own norm, which undoes any per-channel scaling a defence folds in."""
+    fs, fr, ns, nr = [], [], [], []
     for w_srv, w_ref, a in uses:
-        scale = float(w_ref.std()) or 1.0
+        scale = (float(w_ref.std()) or 1.0) * np.sqrt(min(bins, w_ref.size // w_ref.shape[a]))
         r = sorted_slices(w_ref, a, bins) / scale
         s = sorted_slices(w_srv, a, bins) / scale
-        if per_slice:
-            r = r / (np.linalg.norm(r, axis=1, keepdims=True) + 1e-12) * np.sqrt(r.shape[1])
-            s = s / (np.linalg.norm(s, axis=1, keepdims=True) + 1e-12) * np.sqrt(s.shape[1])
-        norm = np.sqrt(r.shape[1])
-        fr.append(r / norm)
-        fs.append(s / norm)
-    return np.concatenate(fs, 1), np.concatenate(fr, 1)
+        fr.append(r)
+        fs.append(s)
+        nr.append(r / (np.linalg.norm(r, axis=1, keepdims=True) + 1e-12))
+        ns.append(s / (np.linalg.norm(s, axis=1, keepdims=True) + 1e-12))
+    return [(np.concatenate(fs, 1), np.concatenate(fr, 1)), (np.concatenate(ns, 1), np.concatenate(nr, 1))]
 
 
-def recover(uses, n: int, variants: tuple[bool, ...] = (False, True)) -> np.ndarray:
+def recover(uses, n: int, variants: tuple[int, ...] = (0, 1)) -> np.ndarray:
     """For each server position, the reference index it is matched to. Both feature variants are tried and the
     attacker keeps the one whose matched pairs stand out most from the rest (no ground truth involved)."""
     bins = 64 if n <= FULL_MATCH_LIMIT else 16
+    feats = features(uses, bins)
+    if n > FULL_MATCH_LIMIT:
+        return nearest(*feats[0])
     best, best_score = None, np.inf
-    for per_slice in variants:
-        fs, fr = features(uses, bins, per_slice)
-        if n > FULL_MATCH_LIMIT:
-            return nearest(fs, fr)
-        cost = sq_dist(fs, fr)
+    for v in variants:
+        cost = sq_dist(*feats[v])
         guess = assign(cost)
         score = cost[np.arange(n), guess].mean() / (cost.mean() + 1e-12)
         if score < best_score:
