@@ -62,11 +62,10 @@ def recover(uses, n: int, variants: tuple[int, ...] = (0, 1)) -> np.ndarray:
     best, best_score = None, np.inf
     for v in variants:
         cost = sq_dist(*feats[v])
-        guess = assign(cost)
-        score = cost[np.arange(n), guess].mean() / (cost.mean() + 1e-12)
+        score = cost.min(1).mean() / (cost.mean() + 1e-12)
         if score < best_score:
-            best, best_score = guess, score
-    return best
+            best, best_score = cost, score
+    return assign(best)
 
 
 def components(ref: Reference, name: str, guess: np.ndarray, truth: np.ndarray) -> list[dict]:
