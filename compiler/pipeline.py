@@ -23,6 +23,7 @@ from stip.compiler.output import (
 )
 from stip.compiler.report import model_summary
 from stip.compiler.serialize import write_model
+from stip.passes.axes import input_axes
 from stip.passes.build import build, client_reads_cache
 from stip.passes.errors import StipError
 from stip.passes.formats import refuse_unsupported_format
@@ -179,6 +180,7 @@ def _compile_in_memory(model_path, private, public, step, head="server", max_con
     report["head"] = head
     vocab = {n: index_range(g, n) for n in part.private if g.dtypes.get(n) in (6, 7)}
     context = max_context or position_table_rows(g, part.private)
+    axes = input_axes(g)  # each input axis's role, from the graph (before build releases the constants)
     bundle = build(g, sol, perms, part, key_id, progress=step("folding permutations into weights", uses),
                    release_constants=True)
     server_inputs = {i.name for i in bundle.server.graph.input}
@@ -195,6 +197,7 @@ def _compile_in_memory(model_path, private, public, step, head="server", max_con
         "head": head,
         "vocab_size": vocab,
         "max_context": context,
+        "axes": axes,
     }
     return bundle, report, manifest, perms.by_name()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stip.runtime.axes import check_feeds, shape
 from stip.runtime.bundle_format import (
     CACHE_SHAPE_SUFFIX,
     CLIENT_MANIFEST,
@@ -20,11 +21,23 @@ from stip.runtime.bundle_format import (
     Manifest,
     model_key_id,
 )
-from stip.runtime.cache import CachedSession
+from stip.runtime.cache import NP_TYPES, CachedSession
 from stip.runtime.errors import StipError
-from stip.runtime.sessions import make_session
+from stip.runtime.sessions import make_session, run
 
 __all__ = ["CLIENT_MANIFEST", "Client", "LocalDeployment", "Server", "model_key_id"]
+
+
+def _typed(value, info) -> np.ndarray:
+    """A user's array as the graph's input type: integer ids of another width are converted, anything else is
+    refused (a float where ids are expected is a mistake, not something to round)."""
+    want = NP_TYPES.get(info.type)
+    arr = np.asarray(value)
+    if want is None or arr.dtype == want:
+        return arr
+    if np.issubdtype(arr.dtype, np.integer) and np.issubdtype(want, np.integer):
+        return arr.astype(want)
+    raise StipError(f"input '{info.name}' has dtype {arr.dtype}, the model expects {np.dtype(want).name}")
 
 
 class Client:
@@ -57,18 +70,24 @@ class Client:
         """Returns (what the server receives, pre outputs kept locally for post). `past_length` is how many
         tokens the server's KV cache holds (the client knows it without ever seeing the cache)."""
         missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise StipError(f"missing model input(s): {', '.join(missing)}")
+        unknown = [n for n in feeds if n not in self.input_names]
+        if missing or unknown:
+            parts = ([f"unknown model input(s): {', '.join(unknown)}"] if unknown else []) + \
+                ([f"missing model input(s): {', '.join(missing)}"] if missing else [])
+            raise StipError(f"{'; '.join(parts)} (the model takes {', '.join(self.input_names)})")
+        axes = self.manifest.axes
+        check_feeds(feeds, axes, past_length)
         batch = next(iter(feeds.values())).shape[0] if feeds else 1
         pre_in = {}
         for i in self.pre.get_inputs():
             if i.name.endswith(CACHE_SHAPE_SUFFIX) and i.name not in feeds:
-                dims = self.manifest.cache_dims[i.name[: -len(CACHE_SHAPE_SUFFIX)]]
-                pre_in[i.name] = np.array([batch if a == 0 else (past_length if d is None else d)
-                                           for a, d in enumerate(dims)], dtype=np.int64)
+                cache = i.name[: -len(CACHE_SHAPE_SUFFIX)]
+                roles = axes.get(cache) or [d if d is not None else ("batch" if a == 0 else "past")
+                                            for a, d in enumerate(self.manifest.cache_dims[cache])]
+                pre_in[i.name] = np.array(shape(roles, batch, 0, past_length), dtype=np.int64)
             else:
-                pre_in[i.name] = feeds[i.name]
-        pre_out = dict(zip([o.name for o in self.pre.get_outputs()], self.pre.run(None, pre_in)))
+                pre_in[i.name] = _typed(feeds[i.name], i)
+        pre_out = dict(zip([o.name for o in self.pre.get_outputs()], run(self.pre, None, pre_in, PRE_MODEL)))
         to_server = {n: pre_out[n] for n in self.manifest.crossing}
         for n in self.manifest.public:
             to_server[n] = feeds[n]
@@ -77,7 +96,7 @@ class Client:
     def finish(self, server_out: dict[str, np.ndarray], pre_out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         avail = {**pre_out, **server_out}
         post_in = {i.name: avail[i.name] for i in self.post.get_inputs()}
-        return dict(zip(self.output_names, self.post.run(self.output_names, post_in)))
+        return dict(zip(self.output_names, run(self.post, self.output_names, post_in, POST_MODEL)))
 
 
 class Server:

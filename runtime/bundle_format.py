@@ -147,6 +147,7 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+AXIS_ROLES = ("batch", "new", "past", "total")  # what an input axis is, read from the graph (stip.passes.axes)
 REQUIRED = ("key_id", "inputs", "private", "public", "crossing", "outputs")
 _CHECKS = {  # field -> (valid?, what it must be)
     "key_id": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
@@ -163,6 +164,9 @@ _CHECKS = {  # field -> (valid?, what it must be)
     "vocab_size": (lambda v: isinstance(v, dict) and all(_int(x) and x > 0 for x in v.values()),
                    "a map from input name to a positive integer"),
     "max_context": (lambda v: v is None or (_int(v) and v > 0), "a positive integer or null"),
+    "axes": (lambda v: isinstance(v, dict) and all(
+        isinstance(r, list) and all(x in AXIS_ROLES or (_int(x) and x > 0) for x in r) for r in v.values()),
+        "a map from input name to axis roles ('batch', 'new', 'past', 'total' or a size)"),
     "tokenizer": (lambda v: v is None or (isinstance(v, str) and bool(re.fullmatch(r"[\w.-]+", v)) and v != ".."),
                   "null or the name of a directory inside client/"),
 }
@@ -187,6 +191,7 @@ class Manifest:
     vocab_size: dict[str, int] = field(default_factory=dict)  # valid id range per integer private input
     max_context: int | None = None
     tokenizer: str | None = None  # directory inside client/
+    axes: dict[str, list[str | int]] = field(default_factory=dict)  # input -> each axis's role or required size
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from stip.runtime.axes import cache_past_axis
 from stip.runtime.bundle_format import pair_cache
+from stip.runtime.errors import StipError
+from stip.runtime.sessions import run
 
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -27,8 +30,12 @@ class CachedSession:
     def __init__(self, session, batch: int = 1):
         self.session = session
         ins = {i.name: i for i in session.get_inputs()}
-        outs = [o.name for o in session.get_outputs()]
+        out_info = {o.name: o for o in session.get_outputs()}
+        outs = list(out_info)
         self.pairs = pair_cache(list(ins), outs, "server graph")
+        # the axis the cache grows along, from the graph (HF: axis 2), not from a dim's name
+        self.past_axis = next((cache_past_axis(list(ins[p].shape), list(out_info[o].shape))
+                               for p, o in self.pairs), None)
         self.past: dict[str, np.ndarray] = {}
         for past, _ in self.pairs:
             self.past[past] = empty_past(ins[past], batch)
@@ -38,16 +45,19 @@ class CachedSession:
 
     @property
     def past_length(self) -> int:
-        return next((int(v.shape[2]) for v in self.past.values()), 0)
+        if self.past_axis is None:
+            return 0
+        return next((int(v.shape[self.past_axis]) for v in self.past.values()), 0)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(None, {**{n: feeds[n] for n in self.inputs}, **self.past})
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise StipError(f"server graph: missing input(s) {', '.join(missing)}")
+        values = run(self.session, None, {**{n: feeds[n] for n in self.inputs}, **self.past}, "model")
         result = dict(zip(self.outputs, values))
         for past, present in self.pairs:
             self.past[past] = result.pop(present)
         return result
-
-
 
     def close(self) -> None:
         self.past.clear()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stip.runtime.axes import shape
 from stip.runtime.bundle import Client, Server
 from stip.runtime.bundle_format import SERVER_DIR, find_client_dir
 from stip.runtime.cache import CachedSession
@@ -58,15 +59,23 @@ class Sampler:
 
 
 def decode(step: Step, input_names: list[str], prompt: list[int], max_new_tokens: int, sampler: Sampler,
-           cached: bool, logits_name: str = "logits") -> Iterator[int]:
-    """Prefill, then one step per token. Without a cache, each step re-runs the whole sequence."""
+           cached: bool, logits_name: str = "logits", axes: dict[str, list] | None = None) -> Iterator[int]:
+    """Prefill, then one step per token. Without a cache, each step re-runs the whole sequence.
+
+    Inputs by their Hugging Face names (input_ids, attention_mask, position_ids, in any order); each one's length
+    follows its axis role (`axes`, from the manifest): the mask spans past + new tokens when its axis is the total."""
+    unknown = [n for n in input_names if n not in ("input_ids", "attention_mask", "position_ids")]
+    if unknown or "input_ids" not in input_names:
+        raise StipError(f"generation feeds input_ids, attention_mask and position_ids; this model takes "
+                        f"{', '.join(input_names)}")
     ids = list(prompt)
     fed = 0  # tokens the model has already seen (cached runs feed only the new ones)
     for _ in range(max_new_tokens):
         new = ids[fed:] if cached else ids
         start = fed if cached else 0
+        mask_roles = (axes or {}).get("attention_mask", ["batch", "total"])
         feeds = {"input_ids": np.array([new], dtype=np.int64),
-                 "attention_mask": np.ones((1, start + len(new)), dtype=np.int64),
+                 "attention_mask": np.ones(shape(mask_roles, 1, len(new), start), dtype=np.int64),
                  "position_ids": np.arange(start, start + len(new), dtype=np.int64)[None]}
         out = step({k: v for k, v in feeds.items() if k in input_names})
         if cached:
@@ -87,6 +96,9 @@ class StipGenerator:
         self.server = server or Server(client_dir.parent / SERVER_DIR, device, threads)
         self.client.check_server(self.server.key_id, str(getattr(self.server, "where", "server")))
         man = self.client.manifest
+        if "logits" not in self.client.output_names:
+            raise StipError(f"{client_dir}: not a text-generation bundle (no 'logits' output; outputs: "
+                            f"{', '.join(self.client.output_names)}); use `stip run` for other models")
         self.cached = bool(man.get("cache"))
         self.vocab = man.get("vocab_size", {}).get("input_ids")
         self.max_context = man.get("max_context")
@@ -132,7 +144,7 @@ class StipGenerator:
 
         try:
             yield from decode(step, self.client.input_names, prompt, max_new_tokens, sampler or Sampler(),
-                              self.cached)
+                              self.cached, axes=self.client.manifest.axes)
         finally:
             seq.close()
 

@@ -50,3 +50,14 @@ def make_session(model: str | Path | bytes, device: str = "auto", threads: int =
     except Exception as e:
         where = "model bytes" if isinstance(model, bytes) else str(model)
         raise StipError(f"{where}: onnxruntime cannot load it: {str(e).splitlines()[0][:200]}")
+
+
+def run(session: ort.InferenceSession, outputs: list[str] | None, feeds: dict, where: str) -> list:
+    """session.run with onnxruntime's errors (wrong shape, dtype, missing input) as one StipError line."""
+    try:
+        return session.run(outputs, feeds)
+    except StipError:
+        raise
+    except Exception as e:  # onnxruntime raises its own pybind types (InvalidArgument, Fail, RuntimeException)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StipError(f"{where}: onnxruntime refused the inputs: {msg[:300]}")

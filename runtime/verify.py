@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stip.runtime.axes import Role, size
 from stip.runtime.bundle import LocalDeployment
-from stip.runtime.sessions import make_session
+from stip.runtime.errors import StipError
+from stip.runtime.sessions import make_session, run
 
 if TYPE_CHECKING:
     from stip.passes.graph import Graph
@@ -51,32 +53,26 @@ def _attr(n, name, default):
     return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
 
 
-def _dim(name, axis: int, batch: int, seq: int, past: int) -> int:
-    """Dynamic dims by exporter naming: batch first, then past / total (past + new) / sequence lengths."""
-    if isinstance(name, int):
-        return name
-    low = str(name).lower()
-    if axis == 0:
-        return batch
-    if "past" in low:
-        return past
-    if "total" in low:
-        return past + seq
-    return seq
-
-
 def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: int = 0,
-                 past: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of the right dtypes: ids within the vocabulary, masks with padding, positions after the cache,
-    Gaussian floats (and a random KV cache of `past` positions for decoders exported with one)."""
+                 past: int = 0, axes: dict[str, list[Role]] | None = None) -> dict[str, np.ndarray]:
+    """Inputs of the right dtypes and sizes: ids within the vocabulary, masks with padding, positions after the
+    cache, Gaussian floats (and a random KV cache of `past` positions for decoders exported with one).
+
+    Sizes follow each axis's role (`axes`, from the bundle's manifest, else read from the graph): batch, `seq` new
+    tokens, `past` cached ones, a total of past + seq, or a size the model requires (an image's height)."""
     from stip.passes.graph import load_graph
 
     g = load_graph(model_path)
+    if axes is None:
+        from stip.passes.axes import input_axes
+
+        axes = input_axes(g)
     sess = make_session(model_path, "cpu")
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for inp in sess.get_inputs():
-        shape = [_dim(d, a, batch, seq, past) for a, d in enumerate(inp.shape)]
+        roles = axes.get(inp.name) or ["batch"] + ["new"] * (len(inp.shape) - 1)
+        shape = [d if isinstance(d, int) else size(r, batch, seq, past) for d, r in zip(inp.shape, roles)]
         if inp.type in INT_TYPES:
             dt = INT_TYPES[inp.type]
             if "position" in inp.name.lower():
@@ -93,7 +89,7 @@ def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: in
         elif inp.type == "tensor(bool)":
             arr = np.ones(shape, dtype=bool)
         else:
-            raise ValueError(f"{model_path}: input '{inp.name}' has unsupported type {inp.type}")
+            raise StipError(f"{model_path}: input '{inp.name}' has unsupported type {inp.type}")
         feeds[inp.name] = arr
     return feeds
 
@@ -137,10 +133,12 @@ def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq:
     (the server keeps its permuted copy), then both run the same `seq` new tokens."""
     dep = LocalDeployment(bundle_dir, device)
     sess = make_session(original, device)
+    same_interface(dep.client.manifest, sess, original, bundle_dir)
+    axes = dep.client.manifest.axes
     cached = bool(dep.client.manifest.cache)
     if not cached:
-        feeds = random_feeds(original, batch, seq, seed)
-        ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        feeds = random_feeds(original, batch, seq, seed, axes=axes)
+        ref = dict(zip([o.name for o in sess.get_outputs()], run(sess, None, feeds, str(original))))
         return compare(ref, dep.run(feeds), atol, rtol)
     from stip.runtime.generate import CachedSession
 
@@ -149,10 +147,32 @@ def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq:
     for step, (length, start) in enumerate(((past, 0), (seq, past))):
         if length == 0:
             continue
-        feeds = random_feeds(original, batch, length, seed + step, past=start)
+        feeds = random_feeds(original, batch, length, seed + step, past=start, axes=axes)
         feeds = {k: v for k, v in feeds.items() if k in plain.inputs}
         ref = plain.run(feeds)
         to_server, kept = dep.client.prepare(feeds, stip.past_length)
         got = dep.client.finish(stip.run(to_server), kept)
         checks = compare(ref, got, atol, rtol)
     return checks
+
+
+def same_interface(manifest, sess, original: str | Path, bundle_dir: str | Path) -> None:
+    """`--original` must be the model the bundle was compiled from: same inputs, the bundle's outputs."""
+    cache = {c for c, _ in manifest.cache}
+    ins = [i.name for i in sess.get_inputs() if i.name not in cache]
+    outs = {o.name for o in sess.get_outputs()}
+    want = manifest.inputs
+    if set(ins) != set(want) or not set(manifest.outputs) <= outs:
+        raise StipError(f"{original}: not the model {bundle_dir} was compiled from (its inputs are "
+                        f"{', '.join(ins) or 'none'}; the bundle's are {', '.join(want)}; outputs "
+                        f"{', '.join(sorted(outs))} vs {', '.join(manifest.outputs)}); pass the .onnx given "
+                        "to `stip compile`")
+    for i in sess.get_inputs():
+        roles = manifest.axes.get(i.name)
+        if roles is None:
+            continue
+        static = [a for a, (d, r) in enumerate(zip(i.shape, roles)) if isinstance(d, int) and isinstance(r, int)
+                  and d != r]
+        if len(roles) != len(i.shape) or static:
+            raise StipError(f"{original}: input '{i.name}' has shape {list(i.shape)}, but the bundle was compiled "
+                            f"for {roles}; pass the .onnx given to `stip compile`")

@@ -1,0 +1,168 @@
+"""What each input axis means (batch, new tokens, past length, total = past + new), read from the graph.
+
+Why: exporters name dims as they like. optimum calls the mask axis `past_sequence_length + sequence_length`, so a
+name containing "past" may be the total length; torch.export calls everything s0, s1. The runtime needs the roles
+to build inputs (verify's random feeds, generation's mask and positions, shape checks on user inputs), and clients
+must not need the original graph, so the compiler records them in the client manifest.
+
+Evidence used, in order: a cache input's growing axis is the past (it differs from its present output's dim); the
+present's dim is the total, spelled either as its own symbol or as `past + new`; a sum of one past symbol and one
+other symbol is a total; axis 0 is the batch. An image input's fully symbolic height and width are fixed by the
+patch Conv and the position table after it, so they are recorded as sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+
+from stip.passes.graph import Graph
+from stip.runtime.axes import Role, cache_past_axis
+
+_PASS_THROUGH = {"Cast", "Sub", "Div", "Mul", "Add", "Identity", "Reshape", "Flatten", "Transpose", "Squeeze",
+                 "Unsqueeze"}
+
+
+def declared_dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    """An input's declared dims: a size, a symbol (or `a + b` expression), or None for an anonymous dynamic dim."""
+    out: list[int | str | None] = []
+    for d in vi.type.tensor_type.shape.dim:
+        out.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return out
+
+
+def _terms(d: int | str | None) -> frozenset[str] | None:
+    """`past + seq` -> {past, seq}; a plain symbol -> {symbol}; sizes and constants in sums are not symbols."""
+    if not isinstance(d, str):
+        return None
+    return frozenset(t.strip() for t in d.split("+") if t.strip() and not t.strip().isdigit())
+
+
+def input_axes(g: Graph) -> dict[str, list[Role]]:
+    """Roles of every graph input's axes (cache inputs included: their growing axis is "past")."""
+    ins = {vi.name: declared_dims(vi) for vi in g.model.graph.input if vi.name not in g.constants}
+    outs = {vi.name: declared_dims(vi) for vi in g.model.graph.output}
+    past_axis = {c: cache_past_axis(ins[c], outs.get(p, [])) for c, p in g.cache}
+    past: set[str] = set()
+    total: set[frozenset[str]] = set()
+    for c, p in g.cache:
+        a = past_axis[c]
+        if a is None:
+            continue
+        if isinstance(ins[c][a], str):
+            past.add(ins[c][a])
+        grown = outs.get(p, [None] * (a + 1))[a] if len(outs.get(p, [])) > a else None
+        if _terms(grown):
+            total.add(_terms(grown))
+    images = {n: image_size(g, n) for n, dims in ins.items() if len(dims) == 4 and g.dtypes.get(n) in (1, 10, 11)}
+    roles: dict[str, list[Role]] = {}
+    for name, dims in ins.items():
+        size = images.get(name)
+        row: list[Role] = []
+        for a, d in enumerate(dims):
+            terms = _terms(d)
+            if isinstance(d, int):
+                row.append(d)
+            elif name in past_axis and a == past_axis[name]:
+                row.append("past")
+            elif a == 0:
+                row.append("batch")
+            elif size is not None and a >= 1:
+                row.append(size[a - 1])
+            elif terms and terms <= past:
+                row.append("past")
+            elif terms and (terms in total or (len(terms) == 2 and len(terms & past) == 1)):
+                row.append("total")
+            else:
+                row.append("new")
+        roles[name] = row
+    return roles
+
+
+def image_size(g: Graph, name: str) -> tuple[int, int, int] | None:
+    """(channels, height, width) an image input must have: the patch Conv's weight gives the channels; the
+    position table added after the patches (minus class/distillation tokens concatenated in front) gives how
+    many patches, hence the size. Without a table any size works, so four patches a side is returned."""
+    conv = _first(g, name, lambda n: n.op_type == "Conv")
+    if conv is None or conv.input[1] not in g.constants:
+        return None
+    w = g.constants[conv.input[1]]
+    if w.ndim != 4:
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+    channels = int(w.shape[1]) * int(attrs.get("group", 1))
+    kernel = [int(k) for k in w.shape[2:]]
+    strides = list(attrs.get("strides", [1, 1]))
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    patches = _patch_count(g, conv.output[0])
+    if patches is None:
+        side = [4, 4]
+    else:
+        r = math.isqrt(patches)
+        if r * r != patches:
+            return None
+        side = [r, r]
+    hw = [(side[i] - 1) * strides[i] + kernel[i] - pads[i] - pads[i + 2] for i in range(2)]
+    return channels, hw[0], hw[1]
+
+
+def _first(g: Graph, start: str, want, limit: int = 12):
+    """The first node satisfying `want` downstream of `start`, through shape-only and elementwise ops."""
+    frontier, seen = [start], set()
+    for _ in range(limit):
+        nxt = []
+        for t in frontier:
+            for idx, _j in g.consumers.get(t, []):
+                n = g.model.graph.node[idx]
+                if want(n):
+                    return n
+                if n.op_type in _PASS_THROUGH and idx not in seen:
+                    seen.add(idx)
+                    nxt.extend(o for o in n.output if o)
+        frontier = nxt
+    return None
+
+
+def _patch_count(g: Graph, conv_out: str) -> int | None:
+    """Rows of the position table added to the patch tokens, less the tokens concatenated in front of them."""
+    extra, t = 0, conv_out
+    node = _first(g, t, lambda n: n.op_type in ("Concat", "Add") and _table_rows(g, n) is not None
+                  or n.op_type == "Concat")
+    if node is not None and node.op_type == "Concat":
+        for x in node.input:
+            if x and x != t and not _reaches(g, conv_out, x):
+                s = g.shapes.get(x)
+                if not s or len(s) < 2 or not isinstance(s[1], int):
+                    return None
+                extra += s[1]
+        node = _first(g, node.output[0], lambda n: n.op_type == "Add" and _table_rows(g, n) is not None, 4)
+    if node is None:
+        return None
+    rows = _table_rows(g, node)
+    return None if rows is None else rows - extra
+
+
+def _table_rows(g: Graph, n: onnx.NodeProto) -> int | None:
+    if n.op_type != "Add":
+        return None
+    for x in n.input:
+        c = g.constants.get(x)
+        if c is not None and c.ndim == 3 and c.shape[1] > 1:
+            return int(c.shape[1])
+    return None
+
+
+def _reaches(g: Graph, src: str, dst: str, limit: int = 12) -> bool:
+    """Whether `dst` is computed from `src` within a few nodes (the patch branch of the Concat)."""
+    frontier = [dst]
+    for _ in range(limit):
+        if src in frontier:
+            return True
+        nxt = []
+        for t in frontier:
+            p = g.producer.get(t)
+            if p is not None:
+                nxt.extend(x for x in g.model.graph.node[p].input if x)
+        frontier = nxt
+    return False
