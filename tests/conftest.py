@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import export_models  # noqa: E402
+import export_optimum  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -65,3 +66,18 @@ def bert_bundle(zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "bert"
     compile_model(model, out)
     return model, out
+
+
+@pytest.fixture(scope="session")
+def optimum_model():
+    """`get(arch, task)`: model.onnx exported by optimum-cli in its own venv. Both the venv and the exports are
+    cached on disk by content (~/.cache/stip, see examples/export_optimum.py), so later runs reuse them. A venv
+    that cannot be built fails the tests loudly: they are part of the suite, never silently skipped."""
+
+    def get(arch: str, task: str, extra: list[str] | None = None) -> Path:
+        try:
+            return export_optimum.cached_export(arch, task, extra=extra)
+        except export_optimum.ExportError as e:
+            pytest.fail(f"optimum export of {arch} {task} failed: {e}", pytrace=False)
+
+    return get
