@@ -74,7 +74,17 @@ def optimum_model():
     cached on disk by content (~/.cache/stip, see examples/export_optimum.py), so later runs reuse them. A venv
     that cannot be built fails the tests loudly: they are part of the suite, never silently skipped."""
 
+    venv: list[str | None] = []  # the build is tried once per session: without an index it fails fast after
+
     def get(arch: str, task: str, extra: list[str] | None = None) -> Path:
+        if not venv:
+            try:
+                export_optimum.ensure_venv()
+                venv.append(None)
+            except export_optimum.ExportError as e:
+                venv.append(str(e))
+        if venv[0]:
+            pytest.fail(f"the optimum venv could not be built: {venv[0]}", pytrace=False)
         try:
             return export_optimum.cached_export(arch, task, extra=extra)
         except export_optimum.ExportError as e:
