@@ -265,11 +265,13 @@ def build_model(arch: str, task: str, d: Path, seed: int = 0) -> Path:
 def _inside(a: argparse.Namespace) -> None:
     out = Path(a.output)
     src = build_model(a.arch, a.task, out / "hf", a.seed)
-    cmd = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model", str(src),
-           "--task", a.task, *(["--library-name", "sentence_transformers"] if a.arch == "st-bert" else []),
-           *a.extra, str(out)]
-    print(" ".join(cmd), flush=True)
-    sys.exit(subprocess.call(cmd))
+    args = ["export", "onnx", "--model", str(src), "--task", a.task,
+            *(["--library-name", "sentence_transformers"] if a.arch == "st-bert" else []), *a.extra, str(out)]
+    print("optimum-cli " + " ".join(args), flush=True)
+    from optimum.commands.optimum_cli import main as optimum_cli  # in this process: torch is imported once
+
+    sys.argv = ["optimum-cli", *args]
+    optimum_cli()
 
 
 def main() -> None:
