@@ -96,9 +96,6 @@ class StipGenerator:
         self.server = server or Server(client_dir.parent / SERVER_DIR, device, threads)
         self.client.check_server(self.server.key_id, str(getattr(self.server, "where", "server")))
         man = self.client.manifest
-        if "logits" not in self.client.output_names:
-            raise StipError(f"{client_dir}: not a text-generation bundle (no 'logits' output; outputs: "
-                            f"{', '.join(self.client.output_names)}); use `stip run` for other models")
         self.cached = bool(man.get("cache"))
         self.vocab = man.get("vocab_size", {}).get("input_ids")
         self.max_context = man.get("max_context")
@@ -127,6 +124,9 @@ class StipGenerator:
 
     def generate(self, prompt: list[int], max_new_tokens: int, sampler: Sampler | None = None) -> Iterator[int]:
         self.check(prompt, max_new_tokens)
+        if "logits" not in self.client.output_names:
+            raise StipError(f"{self.client.dir}: not a text-generation bundle (no 'logits' output; outputs: "
+                            f"{', '.join(self.client.output_names)}); use `stip run` for other models")
         if not self.cached and max_new_tokens > 1:
             warnings.warn("bundle compiled without a KV cache: re-running the whole prompt for every new token",
                           stacklevel=2)

@@ -81,22 +81,15 @@ def test_compile_and_verify_with_the_cli(optimum_model, tmp_path, arch, task):
             assert o["ok"] and o["max_abs"] < 1e-4 and o["argmax_agree"] == 1.0, o
 
 
-OPTIMIZED = {
-    ("bert", "text-classification"): "compiler: com.microsoft Attention (packed QKV) has no permutation rule "
-    "(fused-ops)",
-    ("gpt2", "text-generation-with-past"): "compiler: FastGelu's bias input is left unpermuted (listed as unary), "
-    "a silently wrong bundle, logits off by 4.5e-2 (fused-ops)",
-    ("vit", "image-classification"): "compiler: BiasGelu's bias input is left unpermuted (listed as unary), a "
-    "silently wrong bundle, logits off by 1.5e-2 (fused-ops)",
-}
+OPTIMIZED = [("bert", "text-classification"), ("gpt2", "text-generation-with-past"), ("vit", "image-classification"),
+             ("llama", "text-generation-with-past")]
 
 
-@pytest.mark.parametrize("arch,task", [
-    pytest.param(*c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.xfail(strict=True, raises=EXPECTED, reason=OPTIMIZED[c])]
-                 if c in OPTIMIZED else []) for c in [*OPTIMIZED, ("llama", "text-generation-with-past")]])
+@pytest.mark.parametrize("arch,task", OPTIMIZED, ids=[f"{a}-{t}" for a, t in OPTIMIZED])
 def test_optimum_optimize_o2(optimum_model, tmp_path, arch, task):
-    """`optimum-cli export onnx --optimize O2`: onnxruntime's fused com.microsoft ops inside the export (Llama's
-    SiLU becomes QuickGelu). Compile must be exact or refuse; never a wrong bundle."""
+    """`optimum-cli export onnx --optimize O2`: onnxruntime's fused com.microsoft ops inside the export (BERT:
+    Attention, SkipLayerNormalization, BiasGelu; GPT-2: FastGelu; ViT: BiasGelu; Llama: SiLU as QuickGelu).
+    FastGelu's and BiasGelu's bias once stayed unpermuted: GPT-2 and ViT bundles were silently wrong."""
     model = optimum_model(arch, task, ["--optimize", "O2"])
     compile_model(model, tmp_path / "out")
     for past, seq in ((0, 5), (6, 3)) if "with-past" in task else ((0, 11),):
@@ -189,6 +182,8 @@ def test_user_mistakes_give_one_line(bundle, tmp_path):
     model, out = bundle("bert", "text-classification")
     other, _ = bundle("gpt2", "text-generation-with-past")
     _one_line_error(stip("verify", out, "--original", other), "not the model", "pass the .onnx given")
+    _one_line_error(stip("generate", out, "--prompt-ids", "1,2,3", "--device", "cpu"),
+                    "generation feeds input_ids, attention_mask and position_ids")
     feeds = random_feeds(model, batch=2, seq=7)
     np.savez(tmp_path / "ok.npz", **feeds)
     r = stip("run", out, "--inputs", tmp_path / "ok.npz", "--device", "cpu")
