@@ -41,7 +41,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         report = compile_model(a.model, a.output, force=a.force, private=a.private, public=a.public,
                                external_data=a.external_data, progress=step, head=a.head,
                                tokenizer=a.tokenizer, max_context=a.max_context, check=a.check)
-    for w in report.get("unpermuted_crossings", []):
+    for w in report.get("warnings", []) + report.get("unpermuted_crossings", []):
         print(f"stip compile: warning: {w}", file=sys.stderr)
     sizes = report["bundle_sizes"]
     print(f"wrote {a.output}  key id {report['key_id']}  {len(report['spaces'])} spaces, "

@@ -17,6 +17,7 @@ from stip.passes.solve import Solution, use_key
 from stip.runtime.bundle_format import CACHE_SHAPE_SUFFIX, KEY_ID_PROP, ROLE_PROP, ROLES
 
 SERVER_SUFFIX = ".stip_server"
+CLIENT_SUFFIX = ".stip_client"  # pre's copy of an output it computes itself; post turns it into the output
 
 
 @dataclass
@@ -222,11 +223,18 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
                     remaining[x] = remaining.get(x, 0) + 1
 
     # pre: private inputs (and any other input it needs) -> crossing tensors
-    pre_needed = {x for i in part.pre_nodes for x in nodes[i].input if x in graph_inputs}
+    pre_needed = {x for i in part.pre_nodes for x in nodes[i].input if x in graph_inputs} | {
+        o for o in part.pre_outputs if o in graph_inputs}
     pre_inputs = [_value_info(g, n) for n in g.input_names if n in pre_needed]
-    pre_out_names = [t for t in part.crossing if g.producer.get(t) in set(part.pre_nodes)] + part.pre_outputs
-    pre = _subgraph(g, sol, perms, part.pre_nodes, pre_inputs, [_value_info(g, t) for t in pre_out_names],
+    pre_out_names = [t for t in part.crossing if g.producer.get(t) in set(part.pre_nodes)]
+    # An output pre computes goes to post under its own name: post defines the output (un-permuted) exactly once.
+    client_copies = {o: o + CLIENT_SUFFIX for o in part.pre_outputs}
+    pre = _subgraph(g, sol, perms, part.pre_nodes, pre_inputs,
+                    [_value_info(g, t) for t in pre_out_names] +
+                    [_value_info(g, o, client_copies[o]) for o in part.pre_outputs],
                     "stip_pre", progress, remaining)
+    pre.graph.node.extend(helper.make_node("Identity", [o], [c], name=f"client_copy_{o}")
+                          for o, c in client_copies.items())
     _cache_shapes_as_inputs(g, pre)
 
     # server: crossing tensors + public inputs (+ its KV cache) -> outputs still permuted, renamed; the cache
@@ -244,8 +252,8 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     _rename_outputs(list(server.graph.node), renames)
 
     # post: the LM head when it runs on the client, then undo the output permutations
-    post_renames = {**renames, **{o: server_output_name(o) for o in part.user_outputs
-                                  if g.producer.get(o) in post_set}}
+    post_renames = {**renames, **client_copies, **{o: server_output_name(o) for o in part.user_outputs
+                                                   if g.producer.get(o) in post_set}}
     # With the head on the client, the vocabulary never leaves the user: spaces that only the head's nodes see
     # stay unpermuted there, so post needs no un-permute for them.
     head_spaces = {c for o in part.user_outputs if g.producer.get(o) in post_set
@@ -255,7 +263,7 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     post = _subgraph(g, sol, perms, part.post_nodes, [], [], "stip_post", progress, remaining, identity)
     _rename_outputs(list(post.graph.node), post_renames)
     post.graph.input.extend([_value_info(g, o, renames[o]) for o in returned] +
-                            [_value_info(g, o) for o in part.pre_outputs])
+                            [_value_info(g, o, client_copies[o]) for o in part.pre_outputs])
     for o in part.user_outputs:
         src = post_renames.get(o, o)
         ns, inits = _unpermute_nodes(g, sol, perms, src, o, skip=identity if g.producer.get(o) in post_set

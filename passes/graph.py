@@ -210,13 +210,23 @@ def _symbolic_shape_inference():
     return mod.SymbolicShapeInference
 
 
-def infer_shapes(sk: onnx.ModelProto, path: Path, initializers) -> tuple[dict[str, list[Dim]], dict[str, int]]:
-    """Symbolic shapes for every tensor; ORT's symbolic inference follows Shape->Gather->Concat->Reshape chains."""
+def infer_shapes(sk: onnx.ModelProto, path: Path, initializers,
+                 warnings: list[str] | None = None) -> tuple[dict[str, list[Dim]], dict[str, int]]:
+    """Symbolic shapes for every tensor; ORT's symbolic inference follows Shape->Gather->Concat->Reshape chains.
+
+    When it crashes (a TypeError in `_infer_Expand` on sentence-transformers exports), plain ONNX inference takes
+    over and loses dims; that is said in `warnings`, since it can pin spaces that would otherwise be permuted."""
     try:
         inferred = _symbolic_shape_inference().infer_shapes(sk, auto_merge=True, guess_output_rank=True)
-    except Exception:
+        why = "it gave no result"
+    except Exception as e:  # noqa: BLE001 - any crash of the third-party inference falls back
         inferred = None
+        where = _crash_site(e)
+        why = f"it crashed with {type(e).__name__}{where}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     if inferred is None:
+        if warnings is not None:
+            warnings.append(f"onnxruntime's symbolic shape inference failed ({why}); fell back to ONNX shape "
+                            "inference, which may lose dynamic dims")
         try:
             inferred = onnx.shape_inference.infer_shapes(sk, data_prop=True)
         except Exception as e:
@@ -235,6 +245,16 @@ def infer_shapes(sk: onnx.ModelProto, path: Path, initializers) -> tuple[dict[st
     return shapes, dtypes
 
 
+def _crash_site(e: BaseException) -> str:
+    """' in _infer_Expand': the innermost function of the traceback, which names the op that crashed."""
+    tb = e.__traceback__
+    name = None
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_name
+        tb = tb.tb_next
+    return f" in {name}" if name else ""
+
+
 def load_graph(path: str | Path, model: onnx.ModelProto | None = None) -> Graph:
     """Load, normalise, check and shape-infer; the single entry point every command uses."""
     p = Path(path)
@@ -247,7 +267,7 @@ def load_graph(path: str | Path, model: onnx.ModelProto | None = None) -> Graph:
         # Exporters emit graphs the checker rejects but onnxruntime runs (dynamo's opset-17 fallback keeps
         # Split(num_outputs)); the equivalence check is the real test, so this is a warning, not an error.
         warnings.append(f"onnx.checker: {str(e).splitlines()[0][:200]}")
-    shapes, dtypes = infer_shapes(sk, p, model.graph.initializer)
+    shapes, dtypes = infer_shapes(sk, p, model.graph.initializer, warnings)
     del sk
     constants = {t.name: _tensor_array(t, p) for t in model.graph.initializer}
     g = Graph(model=_light(model), path=p, constants=constants, shapes=shapes, dtypes=dtypes, warnings=warnings)

@@ -236,7 +236,9 @@ def partition(g: Graph, sol: Solution, private: list[str], head: str = "server")
         p = g.producer.get(t)
         if t in raw and nodes[p].op_type not in SHAPE_ONLY:
             raise StipError(f"{g.path}: tensor '{t}' would reach the server unpermuted (from {g.node_label(p)})")
-    pre_outputs = [o for o in g.output_names if g.producer.get(o) in eligible]
+    # outputs the client computes itself, or that echo an input it holds (sentence-transformers returns
+    # Identity(input_ids)): produced on the client, never sent to or returned by the server
+    pre_outputs = [o for o in g.output_names if g.producer.get(o) in eligible or o in g.input_names]
     return Partition(private, public, sorted(pre), sorted(server), crossing, pre_outputs, sorted(post_nodes),
                      to_post, list(g.cache), g.output_names)
 

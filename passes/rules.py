@@ -206,6 +206,13 @@ def reshape(ctx: RuleContext) -> None:
         ctx.fix_input(j, f"{ctx.node.op_type} shape/axes")
     ins, out = ctx.shape_in(0), ctx.shape_out(0)
     groups = group_axes(ins, out)
+    if groups is None and ctx.node.op_type == "Reshape":
+        target = reshape_target(ctx.sym(1), ins, ctx.attr("allowzero", 0))
+        if target is not None and len(target) == len(out):
+            groups = group_axes(ins, target)
+            for a, d in enumerate(target):  # the sizes shape inference lost
+                if isinstance(d, int) and not isinstance(out[a], int):
+                    ctx.eq(ctx.ax_out(0, a), ctx.s.spaces.fresh(d))
     if groups is None:
         for a in range(len(ins)):
             ctx.fix(ctx.ax_in(0, a), "Reshape the compiler cannot follow (unknown sizes)")
@@ -227,6 +234,41 @@ def reshape(ctx: RuleContext) -> None:
                 ctx.fix(ctx.ax_out(0, a), why)
 
 
+def reshape_target(shape, ins: list, allowzero: int = 0) -> list | None:
+    """The output dims of Reshape(x, shape) from its (partially symbolic) shape value, with Reshape's semantics:
+    0 copies the input dim (unless allowzero), -1 is what the product leaves; one unknown entry is found the same
+    way. Dims are ints or symbolic products (values.py); None when more than one entry is unknown."""
+    if shape is None or shape.ndim != 1:
+        return None
+    dims: list = []
+    unknown = []
+    for i, v in enumerate(shape):
+        if isinstance(v, int) and v == 0 and not allowzero:
+            v = ins[i] if i < len(ins) else None
+        if v is None or (isinstance(v, int) and v < 0):
+            unknown.append(i)
+            dims.append(None)
+        else:
+            dims.append(v if isinstance(v, int) or isinstance(v, tuple) else _factors(v))
+    if len(unknown) > 1:
+        return None
+    if unknown:
+        total: tuple = (1, ())
+        for d in ins:
+            total = _mul(total, _factors(d))
+        known: tuple = (1, ())
+        for d in dims:
+            if d is not None:
+                known = _mul(known, _factors(d))
+        if not _divides(known, total):
+            return None
+        rest = list(total[1])
+        for x in known[1]:
+            rest.remove(x)
+        dims[unknown[0]] = (total[0] // known[0], tuple(rest))
+    return [d[0] if isinstance(d, tuple) and not d[1] else d for d in dims]
+
+
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
 
 
@@ -238,6 +280,8 @@ def _factors(d) -> tuple[int, tuple[str, ...]]:
     them so that Reshape's products can be compared."""
     if isinstance(d, int):
         return d, ()
+    if isinstance(d, tuple):  # already a symbolic product (values.py)
+        return d
     text = str(d)
     if _IDENT.fullmatch(text):
         return 1, (text,)
@@ -371,24 +415,35 @@ def slice_(ctx: RuleContext) -> None:
 
 
 def _slice_bounds(ctx: RuleContext) -> dict[int, object] | None:
-    """Per sliced axis: "full", a static (start, end) with step 1, or None when positional or unknown."""
+    """Per sliced axis: "full", a static (start, end) with step 1, or None when positional or unknown.
+
+    Bounds computed at run time (`x[:, :seq_len]`) leave their axes positional, but only those: when the axes
+    are known, every other axis passes through. None only when the sliced axes themselves are unknown."""
     ins = ctx.shape_in(0)
     rank = len(ins)
-    starts, ends = ctx.const(1), ctx.const(2)
-    axes = ctx.const(3) if len(ctx.node.input) > 3 and ctx.node.input[3] else None
+    starts, ends = ctx.sym(1), ctx.sym(2)
+    has_axes = len(ctx.node.input) > 3 and ctx.node.input[3]
+    axes = ctx.const(3) if has_axes else None
     steps = ctx.const(4) if len(ctx.node.input) > 4 and ctx.node.input[4] else None
-    if starts is None or ends is None:
+    if has_axes and axes is None:
         return None
+    if axes is None:
+        n = len(starts) if starts is not None else ctx.shape_in(1)[0] if ctx.shape_in(1) else None
+        if not isinstance(n, int):
+            return None
+        axes = range(n)
     out: dict[int, object] = {}
-    for k, ax in enumerate(axes if axes is not None else range(len(starts))):
+    for k, ax in enumerate(axes):
         a = int(ax) % rank
         step = 1 if steps is None else int(steps[k])
-        s0, e0 = int(starts[k]), int(ends[k])
+        s0 = None if starts is None else starts[k]
+        e0 = None if ends is None else ends[k]
         n = ins[a]
-        if step == 1 and s0 == 0 and e0 >= np.iinfo(np.int32).max // 2:
-            out[a] = "full"
+        if step == 1 and s0 == 0 and e0 is not None and (
+                (isinstance(e0, int) and e0 >= np.iinfo(np.int32).max // 2) or _factors(e0) == _factors(n)):
+            out[a] = "full"  # x[:, :x.shape[1]] keeps the whole axis
             continue
-        if step != 1 or not isinstance(n, int):
+        if step != 1 or not isinstance(n, int) or not isinstance(s0, int) or not isinstance(e0, int):
             out[a] = None
             continue
         s1 = min(max(s0 + n if s0 < 0 else s0, 0), n)

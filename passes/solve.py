@@ -15,7 +15,7 @@ from stip.passes.errors import StipError
 from stip.passes.graph import Graph
 from stip.passes.rules import contract
 from stip.passes.spaces import SpaceConflict, Spaces
-from stip.passes.values import shape_values
+from stip.passes.values import symbolic_values
 
 
 def use_key(name: str, node_idx: int, input_idx: int) -> str:
@@ -65,6 +65,12 @@ class RuleContext:
         name = self.node.input[j]
         value = self.s.g.constants.get(name)
         return value if value is not None else self.s.values.get(name)
+
+    def sym(self, j: int) -> np.ndarray | None:
+        """An integer input known up to symbolic dims: entries are ints, symbolic products or None (values.py)."""
+        if j >= len(self.node.input) or not self.node.input[j]:
+            return None
+        return self.s.sym_values.get(self.node.input[j])
 
     def is_float(self, j: int) -> bool:
         from onnx import TensorProto
@@ -175,7 +181,9 @@ class Solver:
     def __init__(self, g: Graph):
         self.g = g
         self.spaces = Spaces()
-        self.values = shape_values(g)
+        self.sym_values = symbolic_values(g)
+        self.values = {k: v.astype(np.int64) for k, v in self.sym_values.items()
+                       if all(isinstance(x, int) for x in v.reshape(-1))}
 
     def shape(self, name: str) -> list:
         s = self.g.shapes.get(name)

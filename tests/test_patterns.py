@@ -1,0 +1,154 @@
+"""Graph patterns seen in real exported files (optimum, sentence-transformers, third-party uploads): each one
+compiles exactly, on small real exports of the same code (both torch exporters) or on the hand-built graph that
+reproduces it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from graphs import embed_then, ints, model, save, weight
+from helpers import assert_equivalent, compile_in_memory, run_model, run_three
+from onnx import TensorProto, helper
+
+from stip.passes.graph import load_graph
+from stip.passes.solve import solve
+
+IDS = {"ids": np.random.default_rng(1).integers(0, 32, (3, 7))}
+
+
+def export(module: torch.nn.Module, path, dynamo: bool, inputs: dict, outputs: list[str], dyn: dict):
+    """A tiny module with every parameter random (biases and norms too), exported like a user would."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    module.eval()
+    names = list(inputs)
+    if dynamo:
+        dims: dict = {}
+        shapes = [{a: dims.setdefault(d, torch.export.Dim.DYNAMIC) for a, d in dyn.get(n, {}).items()} or None
+                  for n in names]
+        torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=True, opset_version=18,
+                          input_names=names, output_names=outputs, dynamic_shapes=tuple(shapes),
+                          external_data=False)
+    else:
+        torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=False, opset_version=17,
+                          input_names=names, output_names=outputs, dynamic_axes=dyn)
+    return path
+
+
+def exact(path, feeds, **kw):
+    g, sol, part, perms, bundle = compile_in_memory(path, **kw)
+    assert sol.blockers == [], [str(b) for b in sol.blockers]
+    assert_equivalent(run_model(path, feeds), run_three(bundle, feeds), atol=1e-4, rtol=1e-4)
+    return g, sol, part, bundle
+
+
+def permuted(sol, g, tensor, axis) -> bool:
+    return sol.classes(tensor, len(g.shapes[tensor]))[axis] is not None
+
+
+class Attention(torch.nn.Module):
+    """Heads split with sizes read from the graph: x.view(x.size(0), x.size(1), heads, -1)."""
+
+    def __init__(self, d: int = 16, heads: int = 4):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, d)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.heads = heads
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        b, t = x.size(0), x.size(1)
+        q = self.q(x).view(b, t, self.heads, 4).transpose(1, 2)
+        k = self.k(x).view(b, t, self.heads, -1).transpose(1, 2)
+        v = self.v(x).view(x.shape[0], -1, self.heads, 4).transpose(1, 2)
+        y = (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).transpose(1, 2).reshape(b, t, -1)
+        return self.o(y)
+
+
+class _Crash:
+    @staticmethod
+    def infer_shapes(*_a, **_k):
+        raise TypeError("unsupported operand type(s) for *: 'NoneType' and 'int'")
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_runtime_reshape_target_when_symbolic_inference_crashes(tmp_path, monkeypatch, dynamo):
+    """ONNX's own shape inference (the fallback) loses the -1 dims of `view(b, t, h, -1)`; the Reshape rule
+    recovers them from the shape value built by Shape/Gather/Concat, and the crash is reported."""
+    import stip.passes.graph as graph
+
+    path = export(Attention(), tmp_path / "m.onnx", dynamo, {"ids": torch.randint(0, 32, (2, 5))}, ["y"],
+                  {"ids": {0: "B", 1: "S"}})
+    monkeypatch.setattr(graph, "_symbolic_shape_inference", lambda: _Crash)
+    g = load_graph(path)
+    assert any("symbolic shape inference failed" in w and "TypeError" in w for w in g.warnings), g.warnings
+    assert any(isinstance(d, str) and d.startswith("unk") for n in g.model.graph.node if n.op_type == "Reshape"
+               for d in g.shapes[n.output[0]])  # the pattern: inference left the target unknown
+    g, sol, part, _ = exact(path, IDS)
+    assert len(sol.permuted) >= 4  # hidden, heads, and two head_dim spaces
+
+
+def test_reshape_zero_and_minus_one_and_allowzero():
+    from stip.passes.rules import reshape_target
+
+    sym = np.empty(4, dtype=object)
+    sym[:] = [0, (1, ("S",)), 4, -1]
+    assert reshape_target(sym, ["B", "S", 16], 0) == [(1, ("B",)), (1, ("S",)), 4, 4]
+    sym[:] = [0, 0, 4, 4]
+    assert reshape_target(sym, ["B", "S", 16], 0) == [(1, ("B",)), (1, ("S",)), 4, 4]
+    assert reshape_target(sym, ["B", "S", 16], 1) == [0, 0, 4, 4]  # allowzero: 0 is a size, not a copy
+    sym[:] = [None, -1, 4, 4]
+    assert reshape_target(sym, ["B", "S", 16], 0) is None  # two unknowns
+
+
+def test_runtime_slice_bounds_pin_only_the_sliced_axis(tmp_path):
+    """h[:, :S-1, :] with S read from the graph: the sequence axis is positional, the features stay permuted."""
+    nodes = [helper.make_node("MatMul", ["h", "w"], ["m"]),
+             helper.make_node("Shape", ["ids"], ["shp"]),
+             helper.make_node("Gather", ["shp", "one"], ["s"], axis=0),
+             helper.make_node("Sub", ["s", "one"], ["end"]),
+             helper.make_node("Unsqueeze", ["end", "zeros"], ["ends"]),
+             helper.make_node("Slice", ["m", "zeros", "ends", "ones"], ["y"])]
+    inits = [weight("w", 8, 6), onnx.numpy_helper.from_array(np.array(1, np.int64), "one"), ints("ones", [1]),
+             ints("zeros", [0])]
+    path = save(embed_then(nodes, ["B", "S1", 6], inits), tmp_path / "m.onnx")
+    g, sol, _, _ = exact(path, {"ids": IDS["ids"] % 16})
+    assert permuted(sol, g, "y", 2) and permuted(sol, g, "m", 2)
+    assert not permuted(sol, g, "y", 1)
+
+
+class SliceLast(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, ids):
+        h = self.lin(self.emb(ids))
+        return h[:, 1: ids.shape[1] - 1]
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_runtime_slice_real_export(tmp_path, dynamo):
+    path = export(SliceLast(), tmp_path / "m.onnx", dynamo, {"ids": torch.randint(0, 32, (2, 5))}, ["y"],
+                  {"ids": {0: "B", 1: "S"}})
+    g, sol, _, _ = exact(path, IDS)
+    assert permuted(sol, g, g.output_names[0], 2)
+
+
+def test_output_echoing_a_private_input_is_made_on_the_client(tmp_path):
+    """sentence-transformers returns Identity(input_ids): post defines it once, the server never sees ids."""
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 6]),
+            helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["B", "S"])]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"]),
+             helper.make_node("Identity", ["ids"], ["ids_out"])]
+    path = save(model(nodes, [ids], outs, [weight("table", 32, 8), weight("w", 8, 6)]), tmp_path / "m.onnx")
+    g, sol, part, bundle = exact(path, IDS)
+    server_io = [i.name for i in bundle.server.graph.input] + [o.name for o in bundle.server.graph.output]
+    assert not any(n.startswith("ids") for n in server_io), server_io
+    assert [o.name for o in bundle.post.graph.output] == ["y", "ids_out"]
