@@ -116,7 +116,9 @@ def _eval(g: Graph, n, vals: dict[str, np.ndarray]) -> np.ndarray | None:
     if ins[0] is None:
         return None
     if op == "Gather":
-        if ins[1] is None or ins[0].ndim != 1 or _attr(n, "axis", 0) != 0 or not all(_num(i) for i in ins[1].reshape(-1)):
+        if ins[1] is None or ins[0].ndim != 1 or _attr(n, "axis", 0) != 0:
+            return None
+        if not all(_num(i) for i in ins[1].reshape(-1)):
             return None
         idx = np.array([int(i) for i in ins[1].reshape(-1)], dtype=np.int64).reshape(ins[1].shape)
         flat = [ins[0].reshape(-1)[i] for i in idx.reshape(-1)]

@@ -13,7 +13,6 @@ from helpers import assert_equivalent, compile_in_memory, run_model, run_three
 from onnx import TensorProto, helper
 
 from stip.passes.graph import load_graph
-from stip.passes.solve import solve
 
 IDS = {"ids": np.random.default_rng(1).integers(0, 32, (3, 7))}
 
