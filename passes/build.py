@@ -80,16 +80,28 @@ class _ConstantFolder:
         self.progress = progress
         self.remaining = remaining
 
+    def _axis_key(self, c: int | None, size) -> object:
+        """What a folded axis looks like: its permutation's bytes (None for the identity), so that two uses whose
+        spaces differ but whose permutations coincide share one copy. Per-head spaces keep their class."""
+        if c is None or size == 1 or c in self.identity:
+            return None
+        if c in self.sol.dependent:
+            return ("per-head", c)
+        v = self.perms.vector(c)
+        return None if np.array_equal(v, np.arange(len(v))) else v.tobytes()
+
     def name_for(self, name: str, idx: int, j: int) -> str:
         dims = self.g.shapes[name]
         classes = self.sol.classes(use_key(name, idx, j), len(dims))
-        sig = (name, tuple(None if (c is None or dims[a] == 1 or c in self.identity) else c
-                           for a, c in enumerate(classes)))
+        keys = tuple(self._axis_key(c, dims[a]) for a, c in enumerate(classes))
+        sig = (name, keys)
         if sig not in self.made:
             value = self.g.constants[name]
-            permuted = any(c is not None for c in sig[1])
+            permuted = any(k is not None for k in keys)
+            heads = {self.sol.dependent[c] for c, k in zip(classes, keys) if k is not None and c in self.sol.dependent}
+            fold_classes = [c if k is not None or c in heads else None for c, k in zip(classes, keys)]
             new = f"{name}.p{len(self.made)}" if permuted else name
-            add_initializer(self.graph, fold(value, list(sig[1]), self.perms) if permuted else value, new)
+            add_initializer(self.graph, fold(value, fold_classes, self.perms) if permuted else value, new)
             self.made[sig] = new
         if self.remaining is not None:
             self.remaining[name] -= 1

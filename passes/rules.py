@@ -529,6 +529,52 @@ def conv(ctx: RuleContext) -> None:
         ctx.eq(ctx.ax_in(2, 0), ctx.ax_out(0, 1))
 
 
+@rule("ConvTranspose", weights={1: (0,)})
+def conv_transpose(ctx: RuleContext) -> None:
+    """Like Conv with the weight's channel axes swapped ([C_in, C_out/group, k...]); spatial axes positional."""
+    x, w = ctx.shape_in(0), ctx.shape_in(1)
+    ctx.eq(ctx.ax_in(0, 0), ctx.ax_out(0, 0))
+    if ctx.attr("group", 1) == 1:
+        ctx.eq(ctx.ax_in(0, 1), ctx.ax_in(1, 0))
+        ctx.eq(ctx.ax_out(0, 1), ctx.ax_in(1, 1))
+    else:
+        for c in (ctx.ax_in(0, 1), ctx.ax_in(1, 0), ctx.ax_in(1, 1), ctx.ax_out(0, 1)):
+            ctx.fix(c, "grouped ConvTranspose channels")
+    for a in range(2, len(x)):
+        ctx.fix(ctx.ax_in(0, a), "ConvTranspose spatial axis")
+        ctx.fix(ctx.ax_out(0, a), "ConvTranspose spatial axis")
+    for a in range(2, len(w)):
+        ctx.fix(ctx.ax_in(1, a), "ConvTranspose kernel axis")
+    if len(ctx.node.input) > 2 and ctx.node.input[2]:
+        ctx.eq(ctx.ax_in(2, 0), ctx.ax_out(0, 1))
+
+
+@rule("Resize", "Upsample")
+def resize(ctx: RuleContext) -> None:
+    """Interpolation mixes neighbours along the resized (spatial) axes, which stay positional; an axis it leaves
+    alone (scale 1, or outside `axes`) passes through, so image channels keep their permutation."""
+    rank = len(ctx.shape_in(0))
+    for j in range(1, len(ctx.node.input)):
+        ctx.fix_input(j, f"{ctx.node.op_type} roi/scales/sizes")
+    axes = ctx.attr("axes", None)
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    scales = ctx.const(2 if ctx.node.op_type == "Resize" else 1)
+    sizes = ctx.const(3) if ctx.node.op_type == "Resize" else None
+    ins = ctx.shape_in(0)
+    for a in range(rank):
+        k = axes.index(a) if a in axes else None
+        same = k is None
+        if k is not None and scales is not None and scales.size == len(axes):
+            same = float(scales.reshape(-1)[k]) == 1.0
+        elif k is not None and sizes is not None and sizes.size == len(axes):
+            same = isinstance(ins[a], int) and int(sizes.reshape(-1)[k]) == ins[a]
+        if same:
+            ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, a))
+        else:
+            ctx.fix(ctx.ax_in(0, a), f"{ctx.node.op_type} resized axis")
+            ctx.fix(ctx.ax_out(0, a), f"{ctx.node.op_type} resized axis")
+
+
 @rule(*SHAPE_ONLY, reads={0: ()})
 def shape_only(ctx: RuleContext) -> None:
     """Shapes never change under a permutation, so the input is unconstrained."""

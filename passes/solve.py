@@ -215,6 +215,7 @@ class Solver:
                     except SpaceConflict as e:
                         blockers.append(Blocker(present, "cache", str(e)))
         self._propagate_links()
+        self._share_weight_uses()
         self._merge_same_links()
         permuted, sizes = self._permuted_classes()
         blockers += self._feature_checks(permuted)
@@ -263,8 +264,34 @@ class Solver:
                             sp.fix(c, info.fixed)
                             changed = True
                 elif all(pinned(c) for c in link):
-                    sp.fix(r, next((sp.info(c).fixed for c in link if sp.info(c).fixed), "parts unpermuted"))
+                    sp.fix(r, next((sp.info(c).fixed for c in link if sp.info(c).fixed), COLUMNS))
                     changed = True
+
+    def _share_weight_uses(self) -> None:
+        """A weight used in several places (shared layers, a tied head) takes one permutation per axis over all its
+        free uses, so the bundle holds one copy of it, not one per use. Free, unstructured classes are only tied by
+        equalities, so merging them keeps every rule satisfied."""
+        sp, g = self.spaces, self.g
+        parts = {x for r in sp.roots() for x in (sp.link_of(r) or ())}
+        uses: dict[str, list[str]] = {}
+        for idx, n in enumerate(g.model.graph.node):
+            for j, x in enumerate(n.input):
+                if x in g.constants:
+                    uses.setdefault(x, []).append(use_key(x, idx, j))
+        for name, keys in uses.items():
+            if len(keys) < 2:
+                continue
+            for a in range(g.constants[name].ndim):
+                free = []
+                for k in keys:
+                    if not sp.has((k, a)):
+                        continue
+                    c = sp.find(sp.id((k, a)))
+                    info = sp.info(c)
+                    if not (info.fixed or info.link or c in parts or not isinstance(info.size, int) or info.size <= 1):
+                        free.append(c)
+                for c in free[1:]:
+                    sp.union(free[0], c)
 
     def _merge_same_links(self) -> None:
         """Q and K projections flatten the same (heads, head_dim) pair: they are one space, report it once."""
@@ -313,9 +340,26 @@ class Solver:
                         continue
                     seen.add(c)
                     why = self.spaces.info(c).fixed or "not permutable"
+                    if why == COLUMNS and not self._contracted(c):  # a QA head's start|end: named outputs
+                        continue
                     out.append(Blocker(n.name or n.output[0], n.op_type,
                                        f"feature axis {a} of weight '{x}' must stay unpermuted because of {why}"))
         return out
+
+    def _contracted(self, c: int) -> bool:
+        """Does some weight contract over this class (so it carries features into a later layer)?"""
+        nodes = self.g.model.graph.node
+        for key, a in self.spaces.info(c).members:
+            if "@" not in key:
+                continue
+            name, rest = key.rsplit("@", 1)
+            idx, j = (int(x) for x in rest.split(":"))
+            n = nodes[idx]
+            rank = len(self.g.shapes.get(name, []))
+            trans = any(at.name == "transB" and at.i for at in n.attribute)
+            if j == 1 and ((n.op_type == "MatMul" and a == rank - 2) or (n.op_type == "Gemm" and a == int(trans))):
+                return True
+        return False
 
     def _dependent_inner(self, permuted: dict[int, str]) -> dict[int, int]:
         """Inner (head_dim) classes may get one permutation per head when every constant that has the inner
@@ -369,6 +413,7 @@ def _structured_size(sp: Spaces, kind: str, parts: list[int]):
 
 # Ops that read an int8 embedding table directly (formats.py refuses int8 weights that reach a MatMul/Gemm/Conv)
 QUANTIZED_TABLE_OPS = ("Gather", "Cast", "DequantizeLinear")
+COLUMNS = "split into single columns, each its own output"
 
 
 class _NoShape(Exception):
