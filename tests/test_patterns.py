@@ -13,6 +13,7 @@ from helpers import assert_equivalent, compile_in_memory, run_model, run_three
 from onnx import TensorProto, helper
 
 from stip.passes.graph import load_graph
+from stip.passes.solve import solve
 
 IDS = {"ids": np.random.default_rng(1).integers(0, 32, (3, 7))}
 
@@ -151,3 +152,119 @@ def test_output_echoing_a_private_input_is_made_on_the_client(tmp_path):
     server_io = [i.name for i in bundle.server.graph.input] + [o.name for o in bundle.server.graph.output]
     assert not any(n.startswith("ids") for n in server_io), server_io
     assert [o.name for o in bundle.post.graph.output] == ["y", "ids_out"]
+
+
+class QAHead(torch.nn.Module):
+    """optimum's question-answering head: one Linear with 2 outputs, then Split into start/end and Squeeze."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.lin = torch.nn.Linear(16, 16)
+        self.qa = torch.nn.Linear(16, 2)
+
+    def forward(self, ids):
+        start, end = self.qa(torch.relu(self.lin(self.emb(ids)))).split(1, dim=-1)
+        return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_question_answering_split_head(tmp_path, dynamo):
+    path = export(QAHead(), tmp_path / "m.onnx", dynamo, {"ids": torch.randint(0, 32, (2, 5))},
+                  ["start_logits", "end_logits"], {"ids": {0: "B", 1: "S"}})
+    g, sol, _, _ = exact(path, IDS)
+    assert not any("parts unpermuted" in str(b) for b in sol.blockers)
+    hidden = [t for t in g.shapes if len(g.shapes[t]) == 3 and g.shapes[t][2] == 16 and g.dtypes.get(t) == 1]
+    assert hidden and all(permuted(sol, g, t, 2) for t in hidden)  # the hidden state stays protected
+
+
+def test_hidden_split_into_single_columns_is_still_refused(tmp_path):
+    """Only an axis no weight contracts over may stay in plaintext order: a hidden state split into columns that
+    later weights read would expose features, so that remains a blocker."""
+    nodes = [helper.make_node("Split", ["h", "sizes"], [f"c{i}" for i in range(8)], axis=2),
+             helper.make_node("Concat", [f"c{i}" for i in range(8)][::-1], ["r"], axis=2),
+             helper.make_node("MatMul", ["r", "w"], ["y"])]
+    path = save(embed_then(nodes, ["B", "S", 4], [ints("sizes", [1] * 8), weight("w", 8, 4)]), tmp_path / "m.onnx")
+    sol = solve(load_graph(path))
+    assert sol.blockers and not any("parts unpermuted" in str(b) for b in sol.blockers)
+
+
+class ArgMaxTail(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, ids):
+        h = self.lin(self.emb(ids))
+        return h.argmax(1), h
+
+
+class SegmentationDecoder(torch.nn.Module):
+    """A ViT-like backbone, then a ConvTranspose + bilinear Resize + Conv image decoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 16, 4, 4)
+        self.norm = torch.nn.LayerNorm(16)
+        self.lin = torch.nn.Linear(16, 16)
+        self.up = torch.nn.ConvTranspose2d(16, 8, 2, 2)
+        self.head = torch.nn.Conv2d(8, 3, 1)
+
+    def forward(self, px):
+        x = self.patch(px)
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        t = t + self.lin(self.norm(t))
+        x = self.up(t.transpose(1, 2).reshape(b, c, h, w))
+        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.head(torch.relu(x))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_ops_after_the_last_weight(tmp_path, dynamo):
+    """ArgMax over the sequence; ConvTranspose and Resize keep image channels permuted (they commute)."""
+    path = export(ArgMaxTail(), tmp_path / "a.onnx", dynamo, {"ids": torch.randint(0, 32, (2, 5))},
+                  ["am", "h"], {"ids": {0: "B", 1: "S"}})
+    exact(path, IDS)
+    path = export(SegmentationDecoder(), tmp_path / "s.onnx", dynamo, {"px": torch.randn(2, 3, 8, 8)}, ["y"],
+                  {"px": {0: "B"}})
+    px = {"px": np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    g, sol, part, bundle = exact(path, px)
+    ops = {g.model.graph.node[i].op_type for i in part.server_nodes}
+    assert {"ConvTranspose", "Resize"} <= ops
+    ct = next(n for n in g.model.graph.node if n.op_type == "ConvTranspose")
+    assert permuted(sol, g, ct.input[0], 1) and permuted(sol, g, ct.output[0], 1)
+
+
+class SharedLayers(torch.nn.Module):
+    """ALBERT-style: one FFN applied N times, plus a head tied to the embedding."""
+
+    def __init__(self, n: int = 4):
+        super().__init__()
+        self.emb = torch.nn.Embedding(64, 32)
+        self.up = torch.nn.Linear(32, 128)
+        self.down = torch.nn.Linear(128, 32)
+        self.n = n
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for _ in range(self.n):
+            h = h + self.down(torch.relu(self.up(h)))
+        return h @ self.emb.weight.T
+
+
+def _init_bytes(m: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_shared_weight_is_emitted_once_per_distinct_permutation(tmp_path, dynamo):
+    path = export(SharedLayers(), tmp_path / "m.onnx", dynamo, {"ids": torch.randint(0, 64, (2, 5))}, ["y"],
+                  {"ids": {0: "B", 1: "S"}})
+    g, sol, part, bundle = exact(path, {"ids": IDS["ids"] * 2})
+    original = _init_bytes(onnx.load(str(path)))
+    server = _init_bytes(bundle.server)
+    assert server <= 1.1 * original, (server, original)  # one copy of up/down, not one per layer
+    names = [t.name.split(".p")[0] for t in bundle.server.graph.initializer if t.raw_data and len(t.raw_data) > 4096]
+    assert len(names) == len(set(names)), names
