@@ -98,6 +98,29 @@ def _featured(g: Graph, sol: Solution, t: str) -> bool:
     return any(c is not None for c in sol.classes(t, len(g.shapes.get(t, []))))
 
 
+def position_lookup(g: Graph, idx: int) -> bool:
+    """A Gather into a position table: its indices count tokens (a CumSum over a mask, as OPT numbers positions
+    by `cumsum(attention_mask) * attention_mask - 1`). A mask that only selects positions is padding metadata the
+    server needs anyway, not a private value; token ids reach their table without counting."""
+    n = g.model.graph.node[idx]
+    if n.op_type != "Gather" or n.input[0] not in g.constants:
+        return False
+    seen: set[str] = set()
+    stack = [n.input[1]]
+    while stack:
+        t = stack.pop()
+        p = g.producer.get(t)
+        if t in seen or p is None:
+            continue
+        seen.add(t)
+        src = g.model.graph.node[p]
+        if src.op_type == "CumSum":
+            return True
+        if src.op_type not in SHAPE_ONLY:
+            stack.extend(x for x in src.input if x)
+    return False
+
+
 def _lifted(g: Graph, sol: Solution, source: str) -> bool:
     seen: set[str] = set()
     stack = [source]
@@ -108,7 +131,7 @@ def _lifted(g: Graph, sol: Solution, source: str) -> bool:
         seen.add(t)
         for idx, j in g.consumers.get(t, []):
             n = g.model.graph.node[idx]
-            if n.op_type in SHAPE_ONLY:
+            if n.op_type in SHAPE_ONLY or position_lookup(g, idx):
                 continue
             if is_lift(g, idx, j):
                 return True

@@ -268,9 +268,11 @@ class Solver:
                     changed = True
 
     def _share_weight_uses(self) -> None:
-        """A weight used in several places (shared layers, a tied head) takes one permutation per axis over all its
-        free uses, so the bundle holds one copy of it, not one per use. Free, unstructured classes are only tied by
-        equalities, so merging them keeps every rule satisfied."""
+        """A weight matrix used in several places (ALBERT's shared layers, a tied head) takes one permutation per
+        axis over all its free uses, so the bundle holds one copy of it, not one per use (one real model gave a
+        613 MB server graph from an 81 MB file). Free, unstructured classes are only tied by equalities, so merging
+        them keeps every rule satisfied. Exporters also share byte-identical biases and scalars between unrelated
+        ops: those stay per use (cheap), so unrelated spaces keep independent permutations."""
         sp, g = self.spaces, self.g
         parts = {x for r in sp.roots() for x in (sp.link_of(r) or ())}
         uses: dict[str, list[str]] = {}
@@ -279,7 +281,7 @@ class Solver:
                 if x in g.constants:
                     uses.setdefault(x, []).append(use_key(x, idx, j))
         for name, keys in uses.items():
-            if len(keys) < 2:
+            if len(keys) < 2 or g.constants[name].ndim < 2:  # biases and scalars: cheap copies, unrelated spaces
                 continue
             for a in range(g.constants[name].ndim):
                 free = []

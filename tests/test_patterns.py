@@ -268,3 +268,23 @@ def test_shared_weight_is_emitted_once_per_distinct_permutation(tmp_path, dynamo
     assert server <= 1.1 * original, (server, original)  # one copy of up/down, not one per layer
     names = [t.name.split(".p")[0] for t in bundle.server.graph.initializer if t.raw_data and len(t.raw_data) > 4096]
     assert len(names) == len(set(names)), names
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_decoder_numbering_positions_from_the_mask(tmp_path, dynamo):
+    """OPT numbers positions as cumsum(attention_mask) * attention_mask - 1 into a learned table, and builds its
+    causal mask from Shape(inputs_embeds): the mask is padding metadata (public), the token ids stay private."""
+    import export_models as em
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    m = em.randomize_(OPTForCausalLM(cfg), scale=0.3)
+    path = em._export_causal_lm(m, tmp_path / "opt.onnx", dynamo=dynamo, opset=17, cache=False, seed=0,
+                                kv_heads=4, head_dim=8, position_ids=False)
+    feeds = {"input_ids": np.random.default_rng(3).integers(0, 128, (2, 6)),
+             "attention_mask": np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int64)}
+    g, sol, part, bundle = exact(path, feeds)
+    assert part.private == ["input_ids"] and "attention_mask" in part.public
+    assert "input_ids" not in {i.name for i in bundle.server.graph.input}
