@@ -234,16 +234,22 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
                 if x in g.constants:
                     remaining[x] = remaining.get(x, 0) + 1
 
+    # A plaintext tail in post (solve.solve) reads server tensors, which the server returns, and client tensors
+    # (inputs, pre's results), which pre hands to post as copies.
+    server_set = set(part.server_nodes)
+    tail_server = [t for t in part.tail_inputs if g.producer.get(t) in server_set]
+    tail_client = [t for t in part.tail_inputs if t not in tail_server]
+
     # pre: private inputs (and any other input it needs) -> crossing tensors
     pre_needed = {x for i in part.pre_nodes for x in nodes[i].input if x in graph_inputs} | {
-        o for o in part.pre_outputs if o in graph_inputs}
+        o for o in part.pre_outputs + tail_client if o in graph_inputs}
     pre_inputs = [_value_info(g, n) for n in g.input_names if n in pre_needed]
     pre_out_names = [t for t in part.crossing if g.producer.get(t) in set(part.pre_nodes)]
     # An output pre computes goes to post under its own name: post defines the output (un-permuted) exactly once.
-    client_copies = {o: o + CLIENT_SUFFIX for o in part.pre_outputs}
+    client_copies = {o: o + CLIENT_SUFFIX for o in part.pre_outputs + tail_client}
     pre = _subgraph(g, sol, perms, part.pre_nodes, pre_inputs,
                     [_value_info(g, t) for t in pre_out_names] +
-                    [_value_info(g, o, client_copies[o]) for o in part.pre_outputs],
+                    [_value_info(g, o, c) for o, c in client_copies.items()],
                     "stip_pre", progress, remaining)
     pre.graph.node.extend(helper.make_node("Identity", [o], [c], name=f"client_copy_{o}")
                           for o, c in client_copies.items())
@@ -256,7 +262,7 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     server_inputs = [_value_info(g, t) for t in part.crossing] + [
         _value_info(g, n) for n in g.input_names if n in server_needed and n not in part.private]
     returned = [o for o in part.user_outputs if o not in part.pre_outputs and g.producer.get(o) not in post_set]
-    returned += part.to_post
+    returned += [t for t in part.to_post + tail_server if t not in returned]
     renames = {o: server_output_name(o) for o in returned}
     server_outputs = [_value_info(g, o, renames[o]) for o in returned] + [_value_info(g, o) for _, o in part.cache]
     server = _subgraph(g, sol, perms, part.server_nodes, server_inputs, server_outputs, "stip_server", progress,
@@ -266,6 +272,8 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     # post: the LM head when it runs on the client, then undo the output permutations
     post_renames = {**renames, **client_copies, **{o: server_output_name(o) for o in part.user_outputs
                                                    if g.producer.get(o) in post_set}}
+    for t in part.tail_inputs:  # the tail reads the un-permuted tensor under its own name
+        post_renames.pop(t, None)
     # With the head on the client, the vocabulary never leaves the user: spaces that only the head's nodes see
     # stay unpermuted there, so post needs no un-permute for them.
     head_spaces = {c for o in part.user_outputs if g.producer.get(o) in post_set
@@ -275,8 +283,19 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     post = _subgraph(g, sol, perms, part.post_nodes, [], [], "stip_post", progress, remaining, identity)
     _rename_outputs(list(post.graph.node), post_renames)
     post.graph.input.extend([_value_info(g, o, renames[o]) for o in returned] +
-                            [_value_info(g, o, client_copies[o]) for o in part.pre_outputs])
+                            [_value_info(g, o, c) for o, c in client_copies.items()])
+    unpermuted = []
+    for t in part.tail_inputs:
+        ns, inits = _unpermute_nodes(g, sol, perms, renames.get(t) or client_copies[t], t)
+        unpermuted += ns
+        post.graph.initializer.extend(inits)
+    tail_nodes = list(post.graph.node)
+    del post.graph.node[:]
+    post.graph.node.extend(unpermuted + tail_nodes)
     for o in part.user_outputs:
+        if o in part.tail_inputs:  # already un-permuted for the tail
+            post.graph.output.append(_value_info(g, o))
+            continue
         src = post_renames.get(o, o)
         ns, inits = _unpermute_nodes(g, sol, perms, src, o, skip=identity if g.producer.get(o) in post_set
                                      else frozenset())

@@ -32,6 +32,7 @@ class Partition:
         return [o for o in self.outputs if o not in {c for _, c in self.cache}]
 
     outputs: list[str] = field(default_factory=list)
+    tail_inputs: list[str] = field(default_factory=list)  # what post un-permutes before running the plaintext tail
 
 
 def is_lift(g: Graph, idx: int, j: int) -> bool:
@@ -209,10 +210,22 @@ def partition(g: Graph, sol: Solution, private: list[str], head: str = "server")
                 to_post.append(hidden)
     elif head != "server":
         raise StipError(f"--head {head}: expected server or client")
+    tail_inputs: list[str] = []
+    if sol.post_tail:  # ops after the last weight that need plaintext (see solve.solve): post runs them
+        if sol.post_tail & eligible:
+            n = min(sol.post_tail & eligible)
+            raise StipError(f"{g.path}: {g.node_label(n)} runs after the last weight but also reads private data "
+                            "before any weight; the compiler cannot place it")
+        post_nodes |= sol.post_tail
+        for i in sorted(sol.post_tail):
+            for x in nodes[i].input:
+                if x and x not in g.constants and g.producer.get(x) not in post_nodes and x not in tail_inputs:
+                    tail_inputs.append(x)
 
     # server: everything the graph outputs need, stopping at tensors pre computes
     server: set[int] = set()
-    stack = [o for o in g.output_names if g.producer.get(o) not in post_nodes] + to_post
+    stack = [o for o in g.output_names if g.producer.get(o) not in post_nodes] + to_post + [
+        t for t in tail_inputs if t not in g.input_names]
     seen_t: set[str] = set()
     while stack:
         t = stack.pop()
@@ -263,7 +276,7 @@ def partition(g: Graph, sol: Solution, private: list[str], head: str = "server")
     # Identity(input_ids)): produced on the client, never sent to or returned by the server
     pre_outputs = [o for o in g.output_names if g.producer.get(o) in eligible or o in g.input_names]
     return Partition(private, public, sorted(pre), sorted(server), crossing, pre_outputs, sorted(post_nodes),
-                     to_post, list(g.cache), g.output_names)
+                     to_post, list(g.cache), g.output_names, tail_inputs)
 
 
 def _choose_pre(g: Graph, sol: Solution, cone: set[int], eligible: set[int],

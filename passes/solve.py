@@ -158,6 +158,7 @@ class Solution:
     sizes: dict[int, int]
     dependent: dict[int, int]  # inner class -> head class whose position selects its per-head permutation
     blockers: list[Blocker] = field(default_factory=list)
+    post_tail: frozenset[int] = frozenset()  # nodes after the last weight that run in plaintext in post
 
     def classes(self, key: str, rank: int) -> list[int | None]:
         """Class of each axis of a tensor (or constant use), None where the axis is not permuted."""
@@ -178,12 +179,13 @@ class Solution:
 
 
 class Solver:
-    def __init__(self, g: Graph):
+    def __init__(self, g: Graph, skip: frozenset[int] = frozenset(), values: tuple | None = None):
         self.g = g
         self.spaces = Spaces()
-        self.sym_values = symbolic_values(g)
+        self.skip = skip  # nodes that run in post on plaintext: no rule, their outputs are never permuted
+        self.sym_values = symbolic_values(g) if values is None else values[0]
         self.values = {k: v.astype(np.int64) for k, v in self.sym_values.items()
-                       if all(isinstance(x, int) for x in v.reshape(-1))}
+                       if all(isinstance(x, int) for x in v.reshape(-1))} if values is None else values[1]
 
     def shape(self, name: str) -> list:
         s = self.g.shapes.get(name)
@@ -229,6 +231,12 @@ class Solver:
         ctx = RuleContext(self, idx)
         label = node.name or node.output[0]
         try:
+            if idx in self.skip:  # runs in post on plaintext: its outputs are never permuted
+                for k, o in enumerate(node.output):
+                    if o:
+                        for a in range(len(self.shape(o))):
+                            ctx.fix(ctx.ax_out(k, a), "computed in plaintext on the client (post)")
+                return None
             contract(node).rule(ctx)
         except _NoShape as e:
             try:
@@ -553,7 +561,47 @@ def _layer_before(node_idx: int, heads: list[int], first_node: dict[int, int]) -
 
 
 def solve(g: Graph) -> Solution:
-    return Solver(g).run()
+    """Solve; when an op after the last weight pins a weight's feature axis (ArgMax over labels, an op without a
+    rule in an image decoder), run that tail in post instead, on un-permuted tensors, rather than refuse."""
+    first = Solver(g)
+    sol = first.run()
+    if not sol.blockers:
+        return sol
+    tail = trailing_nodes(g)
+    if not tail:
+        return sol
+    alt = Solver(g, tail, (first.sym_values, first.values)).run()
+    if alt.blockers or not alt.permuted:
+        return sol
+    alt.post_tail = tail
+    return alt
+
+
+def trailing_nodes(g: Graph) -> frozenset[int]:
+    """Nodes after the last weight: downstream of some weight, upstream of none, and not making the KV cache."""
+    nodes = g.model.graph.node
+
+    def weighted(n) -> bool:
+        return any(x in g.constants and g.constants[x].ndim >= 2 and g.constants[x].dtype.kind == "f"
+                   for x in n.input)
+
+    reaches: set[int] = set()  # nodes from which a weight node is reachable (inclusive)
+    for idx in reversed(range(len(nodes))):
+        n = nodes[idx]
+        if weighted(n) or any(c in reaches for o in n.output if o for c, _ in g.consumers.get(o, [])):
+            reaches.add(idx)
+    after: set[int] = set()  # nodes downstream of a weight node
+    for idx, n in enumerate(nodes):
+        if weighted(n) or any(g.producer.get(x) in after for x in n.input if x):
+            after.add(idx)
+    cache: set[int] = set()
+    stack = [o for _, o in g.cache]
+    while stack:
+        p = g.producer.get(stack.pop())
+        if p is not None and p not in cache:
+            cache.add(p)
+            stack.extend(x for x in nodes[p].input if x)
+    return frozenset(after - reaches - cache)
 
 
 def require_transformer(sol: Solution) -> None:

@@ -288,3 +288,33 @@ def test_decoder_numbering_positions_from_the_mask(tmp_path, dynamo):
     g, sol, part, bundle = exact(path, feeds)
     assert part.private == ["input_ids"] and "attention_mask" in part.public
     assert "input_ids" not in {i.name for i in bundle.server.graph.input}
+
+
+class LabelTail(torch.nn.Module):
+    """Token classification exported with its post-processing: ArgMax and TopK over the labels, a masked
+    softmax. They need the labels in plaintext order, so they run in post on un-permuted logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.lin = torch.nn.Linear(16, 16)
+        self.cls = torch.nn.Linear(16, 5)
+
+    def forward(self, ids, mask):
+        logits = self.cls(torch.relu(self.lin(self.emb(ids))))
+        probs = torch.softmax(logits, -1) * mask.unsqueeze(-1)
+        return logits.argmax(-1), logits, probs.topk(2, dim=-1).values
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_label_ops_after_the_last_weight_run_in_post(tmp_path, dynamo):
+    path = export(LabelTail(), tmp_path / "m.onnx", dynamo, {"ids": torch.randint(0, 32, (2, 5)),
+                                                             "mask": torch.ones(2, 5)},
+                  ["pred", "logits", "top"], {"ids": {0: "B", 1: "S"}, "mask": {0: "B", 1: "S"}})
+    feeds = {**IDS, "mask": np.random.default_rng(4).random((3, 7)).astype(np.float32)}
+    g, sol, part, bundle = exact(path, feeds)
+    post_ops = {n.op_type for n in bundle.post.graph.node}
+    assert {"ArgMax", "TopK"} <= post_ops
+    assert not {"ArgMax", "TopK"} & {n.op_type for n in bundle.server.graph.node}
+    hidden = [t for t in part.crossing if g.dtypes.get(t) == TensorProto.FLOAT]
+    assert hidden and all(permuted(sol, g, t, 2) for t in hidden)
