@@ -469,6 +469,24 @@ def gather(ctx: RuleContext) -> None:
             o += 1
 
 
+@rule("GatherND")
+def gather_nd(ctx: RuleContext) -> None:
+    """The first batch_dims + k data axes are indexed by position (k = the index tuples' length); the data axes
+    after them (a table row's features, RoPE's cos/sin width) pass through to the output's trailing axes."""
+    data, idx = ctx.shape_in(0), ctx.shape_in(1)
+    k, b = idx[-1] if idx else None, ctx.attr("batch_dims", 0)
+    if not isinstance(k, int):
+        ctx.fix_all("GatherND with an unknown index depth")
+        return
+    ctx.fix_input(1, "GatherND indices")
+    for a in range(b + k):
+        ctx.fix(ctx.ax_in(0, a), "GatherND indexed axis")
+    for i in range(len(idx) - 1):
+        ctx.eq(ctx.ax_in(1, i), ctx.ax_out(0, i))
+    for a in range(b + k, len(data)):
+        ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, len(idx) - 1 + a - b - k))
+
+
 @rule(*REDUCE)
 def reduce(ctx: RuleContext) -> None:
     """Reductions are order-invariant over the reduced axes; the kept axes pass through."""

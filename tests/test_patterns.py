@@ -270,18 +270,26 @@ def test_shared_weight_is_emitted_once_per_distinct_permutation(tmp_path, dynamo
     assert len(names) == len(set(names)), names
 
 
-@pytest.mark.parametrize("dynamo", [False, True])
-def test_decoder_numbering_positions_from_the_mask(tmp_path, dynamo):
-    """OPT numbers positions as cumsum(attention_mask) * attention_mask - 1 into a learned table, and builds its
-    causal mask from Shape(inputs_embeds): the mask is padding metadata (public), the token ids stay private."""
-    import export_models as em
-    from transformers import OPTConfig, OPTForCausalLM
+def _tiny_decoder(family: str):
+    from transformers import FalconConfig, FalconForCausalLM, OPTConfig, OPTForCausalLM
 
-    cfg = OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
-                    max_position_embeddings=64, word_embed_proj_dim=32)
+    if family == "opt":
+        return OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
+    return FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+
+
+@pytest.mark.parametrize("family", ["opt", "falcon"])
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_decoder_masks_and_positions(tmp_path, family, dynamo):
+    """OPT numbers positions as cumsum(attention_mask) * attention_mask - 1 into a learned table, and builds its
+    causal mask from Shape(inputs_embeds): the mask is padding metadata (public), the token ids stay private.
+    Falcon under dynamo reads RoPE's cos/sin and the padding mask with GatherND."""
+    import export_models as em
+
     torch.manual_seed(0)
-    m = em.randomize_(OPTForCausalLM(cfg), scale=0.3)
-    path = em._export_causal_lm(m, tmp_path / "opt.onnx", dynamo=dynamo, opset=17, cache=False, seed=0,
+    m = em.randomize_(_tiny_decoder(family), scale=0.3)
+    path = em._export_causal_lm(m, tmp_path / f"{family}.onnx", dynamo=dynamo, opset=17, cache=False, seed=0,
                                 kv_heads=4, head_dim=8, position_ids=False)
     feeds = {"input_ids": np.random.default_rng(3).integers(0, 128, (2, 6)),
              "attention_mask": np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int64)}
