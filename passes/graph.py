@@ -198,7 +198,9 @@ def _dims(vi: onnx.ValueInfoProto) -> tuple[list[Dim] | None, int]:
 
 @functools.cache
 def _symbolic_shape_inference():
-    """ORT's symbolic shape inference, loaded from its file: importing `onnxruntime.tools` pulls in torch."""
+    """ORT's symbolic shape inference, loaded from its file (importing `onnxruntime.tools` pulls in torch), with
+    each op handler guarded: one that crashes (a TypeError in `_infer_Expand` on sentence-transformers exports)
+    keeps the ONNX shape of that node, which inference computed just before, and the rest stays symbolic."""
     import importlib.util
 
     import onnxruntime
@@ -207,22 +209,68 @@ def _symbolic_shape_inference():
     spec = importlib.util.spec_from_file_location("stip_symbolic_shape_infer", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.SymbolicShapeInference
+
+    class Guarded(mod.SymbolicShapeInference):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.stip_failures: list[str] = []
+            # Opset 18 moved every Reduce op's axes to an input, as ReduceSum did at 13; the tool only knows
+            # ReduceSum/Mean, so a ReduceL2 (sentence-transformers' Normalize) lost its shape and Expand crashed.
+            for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMin",
+                       "ReduceSumSquare"):
+                self.dispatcher_.setdefault(op, self._infer_ReduceMean)
+            for op, handler in list(self.dispatcher_.items()):
+                self.dispatcher_[op] = self._guard(op, handler)
+
+        def _guard(self, op, handler):
+            def run(node):
+                try:
+                    handler(node)
+                except Exception as e:  # noqa: BLE001 - the third-party handler's bug, reported by the caller
+                    self.stip_failures.append(f"{op} node '{node.name or node.output[0]}': {type(e).__name__}"
+                                              f"{_crash_site(e)}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+            return run
+
+        @staticmethod
+        def infer_shapes(model, int_max=2**31 - 1, auto_merge=False, guess_output_rank=False, verbose=0):
+            """Like the original, plus the list of guarded failures; never writes a temp file."""
+            if (mod.get_opset(model) or 0) < 7:
+                return None, []
+            s = Guarded(int_max, auto_merge, guess_output_rank, verbose)
+            done = False
+            try:
+                s._preprocess(model)
+                while s.run_:
+                    done = s._infer_impl()
+                s._update_output_from_vi()
+                if not done:
+                    raise RuntimeError("incomplete symbolic shape inference")
+            except Exception as e:
+                e.stip_failures = s.stip_failures  # a guarded crash often causes the later one: report both
+                raise
+            return s.out_mp_, s.stip_failures
+
+    return Guarded
 
 
 def infer_shapes(sk: onnx.ModelProto, path: Path, initializers,
                  warnings: list[str] | None = None) -> tuple[dict[str, list[Dim]], dict[str, int]]:
     """Symbolic shapes for every tensor; ORT's symbolic inference follows Shape->Gather->Concat->Reshape chains.
 
-    When it crashes (a TypeError in `_infer_Expand` on sentence-transformers exports), plain ONNX inference takes
-    over and loses dims; that is said in `warnings`, since it can pin spaces that would otherwise be permuted."""
+    When one of its op handlers crashes, that node keeps its ONNX shape; when the whole inference fails, plain
+    ONNX inference takes over and loses dims. Either is said in `warnings`, since lost dims can pin spaces."""
+    failures: list[str] = []
     try:
-        inferred = _symbolic_shape_inference().infer_shapes(sk, auto_merge=True, guess_output_rank=True)
+        inferred, failures = _symbolic_shape_inference().infer_shapes(sk, auto_merge=True, guess_output_rank=True)
         why = "it gave no result"
     except Exception as e:  # noqa: BLE001 - any crash of the third-party inference falls back
         inferred = None
-        where = _crash_site(e)
-        why = f"it crashed with {type(e).__name__}{where}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        failures = getattr(e, "stip_failures", [])
+        why = f"it crashed with {type(e).__name__}{_crash_site(e)}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    if failures and warnings is not None:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        warnings.append(f"onnxruntime's symbolic shape inference crashed on {failures[0]}{more}; those nodes "
+                        "keep ONNX's shapes, which may lose dynamic dims")
     if inferred is None:
         if warnings is not None:
             warnings.append(f"onnxruntime's symbolic shape inference failed ({why}); fell back to ONNX shape "

@@ -18,7 +18,8 @@ from stip.passes.solve import solve
 IDS = {"ids": np.random.default_rng(1).integers(0, 32, (3, 7))}
 
 
-def export(module: torch.nn.Module, path, dynamo: bool, inputs: dict, outputs: list[str], dyn: dict):
+def export(module: torch.nn.Module, path, dynamo: bool, inputs: dict, outputs: list[str], dyn: dict,
+           opset: int = 17):
     """A tiny module with every parameter random (biases and norms too), exported like a user would."""
     torch.manual_seed(0)
     with torch.no_grad():
@@ -34,7 +35,7 @@ def export(module: torch.nn.Module, path, dynamo: bool, inputs: dict, outputs: l
                           input_names=names, output_names=outputs, dynamic_shapes=tuple(shapes),
                           external_data=False)
     else:
-        torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=False, opset_version=opset,
                           input_names=names, output_names=outputs, dynamic_axes=dyn)
     return path
 
@@ -326,3 +327,51 @@ def test_label_ops_after_the_last_weight_run_in_post(tmp_path, dynamo):
     assert not {"ArgMax", "TopK"} & {n.op_type for n in bundle.server.graph.node}
     hidden = [t for t in part.crossing if g.dtypes.get(t) == TensorProto.FLOAT]
     assert hidden and all(permuted(sol, g, t, 2) for t in hidden)
+
+
+class SentenceEncoder(torch.nn.Module):
+    """sentence-transformers' export: per-head attention, mean pooling under the mask (Expand to the embeddings'
+    size), L2 Normalize (a ReduceL2, whose axes are an input at opset 18), and the ids echoed as an output."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention()
+
+    def forward(self, input_ids, attention_mask):
+        tok = self.attn(input_ids)
+        m = attention_mask.unsqueeze(-1).expand(tok.size()).float()
+        pooled = (tok * m).sum(1) / torch.clamp(m.sum(1), min=1e-9)
+        return tok, torch.nn.functional.normalize(pooled, p=2, dim=1), input_ids
+
+
+def test_sentence_transformers_pattern_keeps_symbolic_shapes(tmp_path):
+    """ORT's symbolic inference has no opset-18 ReduceL2; its Expand handler then crashed and every dim was lost.
+    Now the shapes stay symbolic, no warning is needed, and the echoed ids are produced on the client."""
+    args = {"input_ids": torch.randint(0, 32, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.int64)}
+    path = export(SentenceEncoder(), tmp_path / "st.onnx", False, args,
+                  ["token_embeddings", "sentence_embedding", "ids"], {n: {0: "B", 1: "S"} for n in args}, opset=18)
+    g = load_graph(path)
+    assert any(n.op_type == "ReduceL2" for n in g.model.graph.node)
+    assert g.warnings == [] and g.shapes["sentence_embedding"] == ["B", 16], (g.warnings, g.shapes["sentence_embedding"])
+    feeds = {"input_ids": IDS["ids"], "attention_mask": np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 7])}
+    g, sol, part, bundle = exact(path, feeds)
+    assert "input_ids" not in {i.name for i in bundle.server.graph.input}
+    assert not any(o.name.startswith("ids") for o in bundle.server.graph.output)
+
+
+def test_a_crashing_shape_handler_is_reported_and_contained(tmp_path, monkeypatch):
+    """A crash in one op handler of ORT's symbolic inference is named (node, exception) in the warnings that
+    `inspect` and `compile` show; the compile stays exact on what inference could still recover."""
+    import stip.passes.graph as graph
+
+    def crash(self, node):
+        raise TypeError("object of type 'NoneType' has no len()")
+
+    monkeypatch.setattr(graph._symbolic_shape_inference(), "_infer_Expand", crash)
+    args = {"input_ids": torch.randint(0, 32, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.int64)}
+    path = export(SentenceEncoder(), tmp_path / "st.onnx", False, args,
+                  ["token_embeddings", "sentence_embedding", "ids"], {n: {0: "B", 1: "S"} for n in args}, opset=18)
+    g = load_graph(path)
+    assert "crashed on Expand node" in g.warnings[0] and "TypeError" in g.warnings[0], g.warnings
+    feeds = {"input_ids": IDS["ids"], "attention_mask": np.ones((3, 7), np.int64)}
+    exact(path, feeds)
