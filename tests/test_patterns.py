@@ -352,7 +352,7 @@ def test_sentence_transformers_pattern_keeps_symbolic_shapes(tmp_path):
                   ["token_embeddings", "sentence_embedding", "ids"], {n: {0: "B", 1: "S"} for n in args}, opset=18)
     g = load_graph(path)
     assert any(n.op_type == "ReduceL2" for n in g.model.graph.node)
-    assert g.warnings == [] and g.shapes["sentence_embedding"] == ["B", 16], (g.warnings, g.shapes["sentence_embedding"])
+    assert g.warnings == [] and g.shapes["sentence_embedding"] == ["B", 16], g.warnings
     feeds = {"input_ids": IDS["ids"], "attention_mask": np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 7])}
     g, sol, part, bundle = exact(path, feeds)
     assert "input_ids" not in {i.name for i in bundle.server.graph.input}
