@@ -280,9 +280,9 @@ class Solver:
         axis over all its free uses, so the bundle holds one copy of it, not one per use (one real model gave a
         613 MB server graph from an 81 MB file). Free, unstructured classes are only tied by equalities, so merging
         them keeps every rule satisfied. Exporters also share byte-identical biases and scalars between unrelated
-        ops: those stay per use (cheap), so unrelated spaces keep independent permutations."""
+        ops: those stay per use (cheap), so unrelated spaces keep independent permutations. Structured axes
+        (heads x head_dim) merge with axes of the same structure, which unifies their parts one to one."""
         sp, g = self.spaces, self.g
-        parts = {x for r in sp.roots() for x in (sp.link_of(r) or ())}
         uses: dict[str, list[str]] = {}
         for idx, n in enumerate(g.model.graph.node):
             for j, x in enumerate(n.input):
@@ -292,16 +292,21 @@ class Solver:
             if len(keys) < 2 or g.constants[name].ndim < 2:  # biases and scalars: cheap copies, unrelated spaces
                 continue
             for a in range(g.constants[name].ndim):
-                free = []
+                free: dict[tuple, int] = {}  # by structure: a (heads x head_dim) axis merges with its like
                 for k in keys:
                     if not sp.has((k, a)):
                         continue
                     c = sp.find(sp.id((k, a)))
                     info = sp.info(c)
-                    if not (info.fixed or info.link or c in parts or not isinstance(info.size, int) or info.size <= 1):
-                        free.append(c)
-                for c in free[1:]:
-                    sp.union(free[0], c)
+                    if info.fixed or not isinstance(info.size, int) or info.size <= 1:
+                        continue
+                    link = sp.link_of(c)
+                    shape = (sp.kind_of(c), tuple(sp.info(x).size for x in link)) if link else None
+                    if shape is not None and any(sp.info(x).fixed for x in link):
+                        continue
+                    first = free.setdefault(shape, c)
+                    if sp.find(first) != sp.find(c):
+                        sp.union(first, c)
 
     def _merge_same_links(self) -> None:
         """Q and K projections flatten the same (heads, head_dim) pair: they are one space, report it once."""

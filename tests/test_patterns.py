@@ -375,3 +375,23 @@ def test_a_crashing_shape_handler_is_reported_and_contained(tmp_path, monkeypatc
     assert "crashed on Expand node" in g.warnings[0] and "TypeError" in g.warnings[0], g.warnings
     feeds = {"input_ids": IDS["ids"], "attention_mask": np.ones((3, 7), np.int64)}
     exact(path, feeds)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_albert_shared_layers_stay_one_copy(tmp_path, dynamo):
+    """ALBERT applies one layer (attention heads included) N times: the server holds it once, not N times."""
+    import export_models as em
+    from transformers import AlbertConfig, AlbertModel
+
+    cfg = AlbertConfig(vocab_size=128, embedding_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = em.randomize_(AlbertModel(cfg), scale=0.3)
+    inputs = {"input_ids": torch.randint(0, 128, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.int64)}
+    path = em.export(m, inputs, ["last_hidden_state"], tmp_path / "albert.onnx", dynamo=dynamo,
+                     dynamic={k: {0: "B", 1: "S"} for k in inputs})
+    feeds = {"input_ids": np.random.default_rng(5).integers(0, 128, (2, 6)),
+             "attention_mask": np.array([[1] * 6, [1] * 4 + [0] * 2])}
+    g, sol, part, bundle = exact(path, feeds)
+    original, server = _init_bytes(onnx.load(str(path))), _init_bytes(bundle.server)
+    assert server <= 1.1 * original, (server, original)
