@@ -141,18 +141,21 @@ def test_runtime_slice_real_export(tmp_path, dynamo):
     assert permuted(sol, g, g.output_names[0], 2)
 
 
-def test_output_echoing_a_private_input_is_made_on_the_client(tmp_path):
-    """sentence-transformers returns Identity(input_ids): post defines it once, the server never sees ids."""
+@pytest.mark.parametrize("echo", ["ids_out", "ids"])
+def test_output_echoing_a_private_input_is_made_on_the_client(tmp_path, echo):
+    """sentence-transformers returns Identity(input_ids) (or lists the input as an output): post defines it once,
+    and the server never sees the ids."""
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])
     outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 6]),
-            helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["B", "S"])]
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"]),
-             helper.make_node("Identity", ["ids"], ["ids_out"])]
+            helper.make_tensor_value_info(echo, TensorProto.INT64, ["B", "S"])]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])]
+    if echo != "ids":
+        nodes.append(helper.make_node("Identity", ["ids"], [echo]))
     path = save(model(nodes, [ids], outs, [weight("table", 32, 8), weight("w", 8, 6)]), tmp_path / "m.onnx")
     g, sol, part, bundle = exact(path, IDS)
     server_io = [i.name for i in bundle.server.graph.input] + [o.name for o in bundle.server.graph.output]
     assert not any(n.startswith("ids") for n in server_io), server_io
-    assert [o.name for o in bundle.post.graph.output] == ["y", "ids_out"]
+    assert [o.name for o in bundle.post.graph.output] == ["y", echo]
 
 
 class QAHead(torch.nn.Module):
