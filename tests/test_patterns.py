@@ -362,7 +362,7 @@ def test_sentence_transformers_pattern_keeps_symbolic_shapes(tmp_path):
     assert not any(o.name.startswith("ids") for o in bundle.server.graph.output)
 
 
-def test_a_crashing_shape_handler_is_reported_and_contained(tmp_path, monkeypatch):
+def test_a_crashing_shape_handler_is_reported_and_contained(tmp_path, monkeypatch, capsys):
     """A crash in one op handler of ORT's symbolic inference is named (node, exception) in the warnings that
     `inspect` and `compile` show; the compile stays exact on what inference could still recover."""
     import stip.passes.graph as graph
@@ -378,6 +378,12 @@ def test_a_crashing_shape_handler_is_reported_and_contained(tmp_path, monkeypatc
     assert "crashed on Expand node" in g.warnings[0] and "TypeError" in g.warnings[0], g.warnings
     feeds = {"input_ids": IDS["ids"], "attention_mask": np.ones((3, 7), np.int64)}
     exact(path, feeds)
+    from stip.compiler.cli import main
+
+    for cmd in (["inspect", path], ["compile", path, "-o", tmp_path / "out", "-q"]):
+        assert main([str(x) for x in cmd]) == 0
+        captured = capsys.readouterr()
+        assert "crashed on Expand node" in captured.out + captured.err, cmd
 
 
 @pytest.mark.parametrize("dynamo", [False, True])
