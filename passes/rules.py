@@ -577,7 +577,7 @@ def resize(ctx: RuleContext) -> None:
     axes = ctx.attr("axes", None)
     axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
     scales = ctx.const(2 if ctx.node.op_type == "Resize" else 1)
-    sizes = ctx.const(3) if ctx.node.op_type == "Resize" else None
+    sizes = ctx.sym(3) if ctx.node.op_type == "Resize" else None  # often Concat(Shape(x)[:2], (H', W'))
     ins = ctx.shape_in(0)
     for a in range(rank):
         k = axes.index(a) if a in axes else None
@@ -585,7 +585,8 @@ def resize(ctx: RuleContext) -> None:
         if k is not None and scales is not None and scales.size == len(axes):
             same = float(scales.reshape(-1)[k]) == 1.0
         elif k is not None and sizes is not None and sizes.size == len(axes):
-            same = isinstance(ins[a], int) and int(sizes.reshape(-1)[k]) == ins[a]
+            want = sizes.reshape(-1)[k]
+            same = want is not None and _factors(want) == _factors(ins[a])
         if same:
             ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, a))
         else:

@@ -404,3 +404,30 @@ def test_albert_shared_layers_stay_one_copy(tmp_path, dynamo):
     g, sol, part, bundle = exact(path, feeds)
     original, server = _init_bytes(onnx.load(str(path))), _init_bytes(bundle.server)
     assert server <= 1.1 * original, (server, original)
+
+
+class ResizeToInput(torch.nn.Module):
+    """A decoder that upsamples back to the input's (dynamic) size: Resize's sizes are built at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 16, 4, 4)
+        self.lin = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Conv2d(16, 3, 1)
+
+    def forward(self, px):
+        x = self.patch(px)
+        b, c, h, w = x.shape
+        x = self.lin(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
+        x = torch.nn.functional.interpolate(x, size=px.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(torch.relu(x))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_resize_to_a_runtime_size_keeps_channels_permuted(tmp_path, dynamo):
+    path = export(ResizeToInput(), tmp_path / "m.onnx", dynamo, {"px": torch.randn(2, 3, 8, 8)}, ["y"],
+                  {"px": {0: "B", 2: "H", 3: "W"}})
+    px = {"px": np.random.default_rng(6).standard_normal((3, 3, 12, 16)).astype(np.float32)}
+    g, sol, part, bundle = exact(path, px)
+    rs = next(n for n in g.model.graph.node if n.op_type == "Resize")
+    assert permuted(sol, g, rs.output[0], 1) and not sol.post_tail
