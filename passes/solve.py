@@ -570,7 +570,7 @@ def solve(g: Graph) -> Solution:
     rule in an image decoder), run that tail in post instead, on un-permuted tensors, rather than refuse."""
     first = Solver(g)
     sol = first.run()
-    if not sol.blockers:
+    if not sol.blockers or any(b.refused for b in sol.blockers):  # a refusal stands wherever the op runs
         return sol
     tail = trailing_nodes(g)
     if not tail:
@@ -586,9 +586,9 @@ def trailing_nodes(g: Graph) -> frozenset[int]:
     """Nodes after the last weight: downstream of some weight, upstream of none, and not making the KV cache."""
     nodes = g.model.graph.node
 
-    def weighted(n) -> bool:
-        return any(x in g.constants and g.constants[x].ndim >= 2 and g.constants[x].dtype.kind == "f"
-                   for x in n.input)
+    def weighted(n) -> bool:  # a weight matrix, or an op the server exists for (quantized weights, attention)
+        return contract(n).heavy or any(x in g.constants and g.constants[x].ndim >= 2 and
+                                        g.constants[x].dtype.kind == "f" for x in n.input)
 
     reaches: set[int] = set()  # nodes from which a weight node is reachable (inclusive)
     for idx in reversed(range(len(nodes))):
