@@ -173,7 +173,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    """Serve a bundle's server graph over HTTP on the KServe v2 / Open Inference Protocol (as Triton): health,
+    """Serve a bundle's server graph over HTTP and gRPC on the KServe v2 / Open Inference Protocol (as Triton): health,
     metadata, JSON and binary tensors, server-held KV-cache sequences (sequence_id/start/end), Prometheus /metrics.
     Binds 127.0.0.1 by default; SERVER may be the bundle's server/ directory or the bundle itself, and NAME=DIR
     (repeatable) serves several bundles from one process."""
@@ -191,7 +191,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                     body_timeout=a.body_timeout, keep_alive=a.keep_alive)
     return serve(a.server, host=a.host, port=a.port, device=a.device, model_name=a.model_name, limits=limits,
                  threads=a.threads, io_binding=a.io_binding, log_level=a.log_level, access_log=a.access_log,
-                 auth_tokens=a.auth_tokens, tls_cert=a.tls_cert, tls_key=a.tls_key, allowed_hosts=a.allowed_hosts)
+                 auth_tokens=a.auth_tokens, tls_cert=a.tls_cert, tls_key=a.tls_key, allowed_hosts=a.allowed_hosts,
+                 grpc_port=a.grpc_port)
 
 
 def cmd_export_triton(a: argparse.Namespace) -> int:
@@ -317,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("server", nargs="+", metavar="SERVER",
                     help="a bundle's server/ directory (or the bundle); NAME=DIR to serve several under names")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000, as Triton)")
+    sv.add_argument("--grpc-port", type=int, default=8001, metavar="N",
+                    help="gRPC port: KServe v2 GRPCInferenceService, as Triton's, so grpc://HOST:N works with "
+                    "either server (default 8001, Triton's; 0: no gRPC endpoint). Same auth, TLS and limits")
     sv.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="where the server graph runs (default: CUDA when a GPU is visible)")
     sv.add_argument("--model-name", default="stip", help="the model's name in /v2/models/NAME (default stip)")

@@ -27,8 +27,9 @@ def free_port() -> int:
 @contextlib.contextmanager
 def stip_server(server_dir: Path, *extra: str, model_name: str = "stip", timeout: float = 60) -> Iterator[str]:
     port = free_port()
+    grpc = [] if "--grpc-port" in extra else ["--grpc-port", "0"]  # no fixed port: other servers may hold it
     cmd = [sys.executable, "-m", "stip.compiler.cli", "serve", str(server_dir), "--port", str(port),
-           "--model-name", model_name, "--device", "cpu", *extra]
+           "--model-name", model_name, "--device", "cpu", *grpc, *extra]
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server can never block on it
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -78,7 +78,8 @@ class RemoteServer:
         grpc_endpoint = _grpc_endpoint(url)
         self.grpc = grpc_endpoint is not None
         hostport, ssl = grpc_endpoint or _host_port(url)
-        self.headers = {"Authorization": f"Bearer {token}"} if token else None
+        # gRPC metadata keys must be lowercase; HTTP headers are case-insensitive
+        self.headers = {"authorization": f"Bearer {token}"} if token else None
         options = {}
         if ca_cert is not None:
             if not ssl:

@@ -86,7 +86,8 @@ def is_loopback(host: str) -> bool:
 def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           model_name: str = "stip", limits: Limits | None = None, threads: int = 0, io_binding: str = "auto",
           log_level: str = "info", access_log: bool = False, auth_tokens: str | None = None,
-          tls_cert: str | None = None, tls_key: str | None = None, allowed_hosts: list[str] | None = None) -> int:
+          tls_cert: str | None = None, tls_key: str | None = None, allowed_hosts: list[str] | None = None,
+          grpc_port: int = 0) -> int:
     import uvicorn
 
     limits = limits or Limits()
@@ -102,7 +103,12 @@ def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, device
                         format="stip serve: %(message)s")
     log.setLevel(getattr(logging, log_level.upper(), logging.INFO))
     sock = listen(host, port)  # before loading models: a busy port is one clear line, not a late crash
+    grpc = None
     try:
+        if grpc_port:
+            from stip.runtime.serve_grpc import GrpcEndpoint
+
+            grpc = GrpcEndpoint(host, grpc_port, limits, tls_cert, tls_key)
         budget = MemoryBudget(limits.max_memory)
         models = [Model(n, d, device=device, threads=threads, io_binding=io_binding, limits=limits, budget=budget)
                   for n, d in parse_model_args(specs, model_name)]
@@ -121,7 +127,11 @@ def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, device
         log.info("listening on %s://%s:%d (KServe v2 / Open Inference Protocol), %d workers, memory budget %s, "
                  "pid %d", scheme, f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0], bound[1],
                  limits.workers, fmt_bytes(limits.max_memory), os.getpid())
-        app = build_app(models, limits, tokens=tokens, allowed_hosts=hosts, budget=budget)
+        if grpc is not None:
+            log.info("gRPC listening on %s://%s:%d (KServe v2 GRPCInferenceService)", grpc.scheme,
+                     f"[{host}]" if ":" in host else host, grpc.port)
+        app = build_app(models, limits, tokens=tokens, allowed_hosts=hosts, budget=budget,
+                        grpc=grpc.start if grpc is not None else None)
         config = uvicorn.Config(app, log_level="warning" if log_level == "info" else log_level,
                                 access_log=access_log, timeout_graceful_shutdown=5,
                                 http=guarded_protocol(limits.header_timeout, limits.max_connections,

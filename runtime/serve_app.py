@@ -33,11 +33,89 @@ JSON_PARSE_FACTOR = 4
 EXTENSIONS = ["binary_tensor_data", "sequence", "model_configuration", "model_repository"]
 
 
+def server_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stip")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0"
+
+
 @dataclass
 class PoolState:
     waiting: int = 0
     running: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Dispatcher:
+    """The worker pool and its queue, shared by HTTP and gRPC: one --workers / --max-queue for both transports.
+    submit() refuses at once (503, or RESOURCE_EXHAUSTED over gRPC) when every worker is busy and the queue is
+    full; a request cancelled before a worker took it gives its queue place back."""
+
+    def __init__(self, limits: Limits, state: PoolState, metrics: Metrics):
+        self.limits, self.state, self.metrics = limits, state, metrics
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="stip-ort")
+
+    def submit(self, m: Model, fn, *args) -> concurrent.futures.Future:
+        state = self.state
+        with state.lock:
+            if state.waiting + state.running >= self.limits.workers + self.limits.max_queue:
+                self.metrics.rejected.labels(m.name).inc()
+                raise RequestError(503, f"server busy: {state.waiting} requests queued (--max-queue "
+                                   f"{self.limits.max_queue}); retry later", {"Retry-After": "1"})
+            state.waiting += 1
+
+        def unqueue() -> None:
+            with state.lock:
+                state.waiting -= 1
+
+        def run():
+            with state.lock:
+                state.waiting -= 1
+                state.running += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.metrics.compute.labels(m.name).observe(time.perf_counter() - t0)
+                with state.lock:
+                    state.running -= 1
+
+        try:
+            fut = self.pool.submit(run)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            unqueue()
+            raise RequestError(503, "server is shutting down")
+        fut.add_done_callback(lambda f: unqueue() if f.cancelled() else None)
+        return fut
+
+
+@dataclass
+class Core:
+    """What every transport shares: the models, limits, auth, memory budget, worker pool and queue."""
+    models: dict[str, Model]
+    limits: Limits
+    tokens: object
+    budget: MemoryBudget
+    dispatcher: Dispatcher
+    metrics: Metrics
+    stopping: threading.Event
+
+    @property
+    def authenticated(self) -> bool:
+        return self.tokens is not None
+
+    def model(self, name: str, version: str | None) -> Model:
+        m = self.models.get(name)
+        if m is None:
+            raise RequestError(404, f"unknown model '{name[:100]}'; this server has "
+                               + ", ".join(f"'{n}'" for n in self.models))
+        if version not in (None, "", MODEL_VERSION):
+            raise RequestError(404, f"unknown version '{version[:100]}' of model '{name}'; it has version "
+                               f"{MODEL_VERSION}")
+        return m
 
 
 class Metrics:
@@ -127,8 +205,9 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: set[str] | None = None,
-              budget: MemoryBudget | None = None):
-    """The ASGI app: OIP endpoints for `models`, /metrics (behind the same auth), and the sequence reaper."""
+              budget: MemoryBudget | None = None, grpc=None):
+    """The ASGI app: OIP endpoints for `models`, /metrics (behind the same auth), and the sequence reaper.
+    `grpc(core)`, if given, starts the gRPC endpoint on the same Core at startup and returns it (stop(grace))."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -138,10 +217,12 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
     by_name = {m.name: m for m in models}
     budget = budget or (models[0].budget if models else MemoryBudget(limits.max_memory))
     buffers = BufferBudget(limits.max_buffered_bytes)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="stip-ort")
     state = PoolState()
     metrics = Metrics(by_name, state, budget)
+    dispatcher = Dispatcher(limits, state, metrics)
+    pool = dispatcher.pool
     stopping = threading.Event()
+    core = Core(by_name, limits, tokens, budget, dispatcher, metrics, stopping)
     authenticated = tokens is not None
     parser = ParserProcess()
 
@@ -160,10 +241,13 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
     async def lifespan(_app):
         await asyncio.get_running_loop().run_in_executor(None, parser.start)
         task = asyncio.create_task(reaper())
+        grpc_server = grpc(core) if grpc is not None else None
         try:
             yield
         finally:
             stopping.set()
+            if grpc_server is not None:
+                grpc_server.stop(2)
             task.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
             parser.stop()
@@ -184,15 +268,7 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
     async def request_error(_request, exc: RequestError):
         return error_body(exc.status, exc.message, exc.headers)
 
-    def model_or_404(name: str, version: str | None) -> Model:
-        m = by_name.get(name)
-        if m is None:
-            raise RequestError(404, f"unknown model '{name[:100]}'; this server has "
-                               + ", ".join(f"'{n}'" for n in by_name))
-        if version not in (None, "", MODEL_VERSION):
-            raise RequestError(404, f"unknown version '{version[:100]}' of model '{name}'; it has version "
-                               f"{MODEL_VERSION}")
-        return m
+    model_or_404 = core.model
 
     @app.get("/v2/health/live")
     async def live():
@@ -206,13 +282,7 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
 
     @app.get("/v2")
     async def server_metadata():
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            v = version("stip")
-        except PackageNotFoundError:  # pragma: no cover - running from a source tree
-            v = "0"
-        return {"name": SERVER_NAME, "version": v, "extensions": EXTENSIONS}
+        return {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
@@ -239,10 +309,6 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def work(m: Model, body: bytes, encoding: str, header_length: str | None, owner: str):
-        with state.lock:
-            state.waiting -= 1
-            state.running += 1
-        t0 = time.perf_counter()
         try:
             # the decoded body, and for JSON its Python objects (about 4 bytes of heap per byte of JSON text),
             # are charged to the memory budget before decompressing or parsing
@@ -255,10 +321,6 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
                 budget.release(reserved)
         except RecursionError:
             raise RequestError(400, "the request is nested too deeply")
-        finally:
-            metrics.compute.labels(m.name).observe(time.perf_counter() - t0)
-            with state.lock:
-                state.running -= 1
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
@@ -269,25 +331,8 @@ def build_app(models: list[Model], limits: Limits, tokens=None, allowed_hosts: s
             raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported (gzip, deflate)")
         body, buffered = await read_body(request, limits.max_request_bytes, buffers, limits.body_timeout)
         try:
-            with state.lock:
-                if state.waiting + state.running >= limits.workers + limits.max_queue:
-                    metrics.rejected.labels(m.name).inc()
-                    raise RequestError(503, f"server busy: {state.waiting} requests queued (--max-queue "
-                                       f"{limits.max_queue}); retry later", {"Retry-After": "1"})
-                state.waiting += 1
-
-            def unqueue() -> None:
-                with state.lock:
-                    state.waiting -= 1
-
-            try:
-                fut = pool.submit(work, m, body, encoding, request.headers.get(HEADER_LENGTH),
-                                  request.scope.get(OWNER, ""))
-            except RuntimeError:  # the pool is shut down: the server is stopping
-                unqueue()
-                raise RequestError(503, "server is shutting down")
-            # a request cancelled before a worker took it (client gone, shutdown) gives its queue place back
-            fut.add_done_callback(lambda f: unqueue() if f.cancelled() else None)
+            fut = dispatcher.submit(m, work, m, body, encoding, request.headers.get(HEADER_LENGTH),
+                                    request.scope.get(OWNER, ""))
             del body
             try:
                 content, header_len = await asyncio.wrap_future(fut)

@@ -164,7 +164,8 @@ class Model:
     # ---- one request, in a worker thread ----
 
     def handle(self, body: bytes, header_length: str | None, owner: str, authenticated: bool,
-               parsed: tuple[Parsed, dict] | None = None) -> tuple[bytes, int | None]:
+               parsed: tuple[Parsed, dict] | None = None, encode=encode_response):
+        """Run one request; `encode(sig, parsed, outputs)` makes the response (HTTP body, or a gRPC message)."""
         p, params = parsed or parse_request(self.sig, body, header_length)
         sequence_params(params, p)
         if not p.feeds:  # end a sequence without a step; the same answer whether or not it was live
@@ -172,17 +173,17 @@ class Model:
                 raise RequestError(400, "a request without inputs must end a sequence (sequence_id, sequence_end)")
             check_id(p.sequence_id, authenticated)
             self.sequences.discard((owner, p.sequence_id))
-            return encode_response(self.sig, p, {})
+            return encode(self.sig, p, {})
         if self.batch_source is not None:
             p.batch = int(p.feeds[self.batch_source].shape[0])
         if not self.stateful:  # stateless graphs ignore sequence parameters, as a model without a cache has none
-            return self._run_once(p, lambda: self._stateless(p))
+            return self._run_once(p, lambda: self._stateless(p), encode)
         if p.sequence_id is None:
-            return self._run_once(p, lambda: self.new_state(p.batch).step(p.feeds)[0])
+            return self._run_once(p, lambda: self.new_state(p.batch).step(p.feeds)[0], encode)
         check_id(p.sequence_id, authenticated)
         key = (owner, p.sequence_id)
         if p.start and p.end:  # a one-request sequence: nothing to keep (and a live one of that id is ended)
-            out = self._run_once(p, lambda: self.new_state(p.batch).step(p.feeds)[0])
+            out = self._run_once(p, lambda: self.new_state(p.batch).step(p.feeds)[0], encode)
             self.sequences.discard(key)
             return out
         if p.start:
@@ -201,7 +202,7 @@ class Model:
             n = self.budget.reserve(self.estimate(p, past), held)
             try:
                 result, present = seq.state.step(p.feeds)
-                encoded = encode_response(self.sig, p, result)
+                encoded = encode(self.sig, p, result)
                 if p.end:
                     self.sequences.drop(key, seq)
                     return encoded
@@ -218,12 +219,12 @@ class Model:
         names = [n for n, _ in p.outputs]
         return dict(zip(names, ort_errors(self.session.run, names, p.feeds)))
 
-    def _run_once(self, p: Parsed, run) -> tuple[bytes, int | None]:
+    def _run_once(self, p: Parsed, run, encode=encode_response):
         if self.stateful:
             self._check_step(p, 0)
         n = self.budget.reserve(self.estimate(p, 0))
         try:
-            return encode_response(self.sig, p, run())
+            return encode(self.sig, p, run())
         finally:
             self.budget.release(n)
 

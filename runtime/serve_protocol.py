@@ -147,7 +147,13 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryvi
 def parse_request(sig: Signature, body: bytes, header_length: str | None) -> tuple[Parsed, dict]:
     """Parse and check an inference request; returns it and its "parameters" object."""
     head, binary = split_body(body, header_length)
-    req = loads(head)
+    return parse_object(sig, loads(head), binary)
+
+
+def parse_object(sig: Signature, req, binary: bytes | memoryview) -> tuple[Parsed, dict]:
+    """Check a decoded request object with its binary tensor data (HTTP JSON + binary extension, or gRPC turned
+    into the same shape by serve_grpc): one set of rules for both transports."""
+    binary = memoryview(binary)
     if not isinstance(req, dict):
         raise RequestError(400, "the inference request must be a JSON object")
     params = as_dict(req.get("parameters"), "parameters")

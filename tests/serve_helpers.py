@@ -16,6 +16,7 @@ from tritonclient.utils import np_to_triton_dtype
 
 from stip.runtime.bundle import Client, Server
 from stip.runtime.cache import CachedSession
+from stip.runtime.launch import free_port
 
 HEADER = "Inference-Header-Content-Length"
 BIG = 1 << 40  # sequence ids: a server without --auth-tokens refuses ids below 2**32
@@ -24,16 +25,23 @@ BIG = 1 << 40  # sequence ids: a server without --auth-tokens refuses ids below 
 class ServerProcess:
     """`stip serve ... --port 0` in a subprocess; the port it really bound is read from its startup log."""
 
-    def __init__(self, args: list[str], log: Path, verify=True):
+    def __init__(self, args: list[str], log: Path, verify=True, grpc: bool = False):
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "stip.compiler.cli", "serve", *args, "--port", "0"],
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
+        # gRPC on a free port when asked (its default, 8001, may be held by another server), else off
+        grpc_args = ["--grpc-port", str(free_port()) if grpc else "0"]
+        self.proc = subprocess.Popen([sys.executable, "-m", "stip.compiler.cli", "serve", *args, "--port", "0",
+                                      *grpc_args], stdout=log.open("w"), stderr=subprocess.STDOUT)
         self.url = ""
+        self.grpc_url = ""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"stip serve exited with {self.proc.returncode}:\n{log.read_text()}")
-            m = re.search(r"listening on (https?://127\.0\.0\.1:\d+)", log.read_text())
+            text = log.read_text()
+            m = re.search(r"listening on (https?://127\.0\.0\.1:\d+)", text)
+            g = re.search(r"gRPC listening on (grpcs?://127\.0\.0\.1:\d+)", text)
+            if g:
+                self.grpc_url = g.group(1)
             if m:
                 self.url = m.group(1)
                 try:
