@@ -211,6 +211,27 @@ def cmd_export_triton(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_kserve(a: argparse.Namespace) -> int:
+    """Write a KServe InferenceService for a bundle's server graph, with Triton as the serving runtime: DIR/model-
+    repository/ (export-triton's repository: upload it to --storage-uri), DIR/inferenceservice.yaml (modelFormat
+    triton, the storage URI, resources, replicas) and, for a decoder on several replicas, DIR/destinationrule.yaml
+    (an Istio consistent hash on the x-stip-sequence header that stip clients send, so that a sequence stays on the
+    replica holding its KV cache; KServe has no session affinity of its own). Decoders default to one replica.
+    No key material is written."""
+    from stip.compiler.kserve import AFFINITY, MANIFEST, REPOSITORY, export_kserve
+
+    dest = export_kserve(a.bundle, a.output, a.storage_uri, name=a.name, model_name=a.model_name,
+                         namespace=a.namespace, replicas=a.replicas, cpu=a.cpu, memory=a.memory,
+                         cpu_limit=a.cpu_limit, memory_limit=a.memory_limit, gpus=a.gpus, grpc=a.grpc,
+                         runtime=a.runtime, force=a.force, max_batch_size=a.max_batch_size,
+                         sequence_timeout=a.sequence_timeout, max_sequences=a.max_sequences)
+    print(f"wrote {dest / MANIFEST} and {dest / REPOSITORY}/{a.model_name}/")
+    print(f"1. upload {dest / REPOSITORY}/ to {a.storage_uri} (its {a.model_name}/ at the top)")
+    rule = dest / AFFINITY
+    print(f"2. kubectl apply -f {dest / MANIFEST}" + (f" -f {rule}" if rule.exists() else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stip", description="Compile ONNX Transformers into secure three-party "
                                 "STIP deployments (Secure Transformer Inference Protocol).")
@@ -385,6 +406,31 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--max-sequences", type=int, default=64,
                     help="KV-cache graphs: sequences in flight at once (max_candidate_sequences, default 64)")
     et.add_argument("--force", action="store_true", help="write into a non-empty REPO, replacing REPO/NAME")
+
+    ek = add("export-kserve", cmd_export_kserve)
+    ek.add_argument("bundle", help="bundle directory written by `stip compile` (or its server/ directory)")
+    ek.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write (new, or empty)")
+    ek.add_argument("--storage-uri", required=True, metavar="URI",
+                    help="where you will upload DIR/model-repository/ (s3://, gs://, pvc://, https://, ...)")
+    ek.add_argument("--name", default="stip", help="the InferenceService's name (default stip)")
+    ek.add_argument("--namespace", help="Kubernetes namespace (default: kubectl's current one)")
+    ek.add_argument("--model-name", default="stip", help="model name clients use, /v2/models/NAME (default stip)")
+    ek.add_argument("--replicas", type=int, default=1,
+                    help="most replicas (default 1). Decoders: >1 adds RawDeployment mode and an Istio "
+                    "DestinationRule hashing on x-stip-sequence, so that a sequence stays on one replica")
+    ek.add_argument("--cpu", default="1", help="CPU request (default 1)")
+    ek.add_argument("--memory", default="2Gi", help="memory request (default 2Gi)")
+    ek.add_argument("--cpu-limit", help="CPU limit (default: the request)")
+    ek.add_argument("--memory-limit", help="memory limit (default: the request)")
+    ek.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu limit (default 0)")
+    ek.add_argument("--grpc", action="store_true",
+                    help="serve KServe v2 gRPC (protocolVersion grpc-v2, port 9000 h2c) instead of HTTP")
+    ek.add_argument("--runtime", help="a ServingRuntime name (default: KServe picks one for modelFormat triton, "
+                    "e.g. kserve-tritonserver)")
+    ek.add_argument("--max-batch-size", type=int, default=None, help="as export-triton")
+    ek.add_argument("--sequence-timeout", type=float, default=300.0, metavar="SECONDS", help="as export-triton")
+    ek.add_argument("--max-sequences", type=int, default=64, help="as export-triton")
+    ek.add_argument("--force", action="store_true", help="replace DIR if it holds an earlier export-kserve output")
     return p
 
 

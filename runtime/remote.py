@@ -45,6 +45,9 @@ def read_token(path: str | Path | None) -> str | None:
 
 
 GRPC_SCHEMES = ("grpc", "grpcs")
+# sent with every sequence request, so that a load balancer can keep a sequence on one replica (its KV cache is
+# there): e.g. the Istio consistent hash that `stip export-kserve` writes for decoders on several replicas
+SEQUENCE_HEADER = "x-stip-sequence"
 
 
 def _grpc_endpoint(url: str) -> tuple[str, bool] | None:
@@ -135,7 +138,10 @@ class RemoteServer:
         outputs = [self.http.InferRequestedOutput(n, **({} if self.grpc else {"binary_data": True}))
                    for n in self.output_names]
         try:
-            result = self.client.infer(self.model_name, inputs, outputs=outputs, headers=self.headers,
+            headers = self.headers
+            if sequence:
+                headers = {**(headers or {}), SEQUENCE_HEADER: str(sequence["sequence_id"])}
+            result = self.client.infer(self.model_name, inputs, outputs=outputs, headers=headers,
                                        **(sequence or {}), **self._timeout())
         except Exception as e:
             raise StipError(f"{self.where}: inference failed: {str(e).splitlines()[0][:200]}") from None
@@ -146,7 +152,8 @@ class RemoteServer:
 
     def end_sequence(self, sequence_id: int) -> None:
         """Free a sequence on the server now (stip serve: a request without inputs and with sequence_end)."""
-        self.client.infer(self.model_name, [], headers=self.headers, sequence_id=sequence_id, sequence_end=True,
+        headers = {**(self.headers or {}), SEQUENCE_HEADER: str(sequence_id)}
+        self.client.infer(self.model_name, [], headers=headers, sequence_id=sequence_id, sequence_end=True,
                           **self._timeout())
 
     def close(self) -> None:
