@@ -1,4 +1,5 @@
-"""Per token and per request: a real Triton (HTTP and gRPC) vs `stip serve` vs plaintext onnxruntime in-process.
+"""Per token and per request: a real Triton vs `stip serve` (each over HTTP and gRPC) vs plaintext onnxruntime
+in-process.
 
 Why: gRPC should cost less per request than HTTP, and generation pays one request per token; the Triton numbers
 say what an operator gains or loses by moving the server graph from `stip serve` to Triton. Triton is the
@@ -65,7 +66,7 @@ def main() -> int:
     from stip.compiler.pipeline import compile_model
     from stip.runtime.bundle import LocalDeployment
     from stip.runtime.generate import StipGenerator
-    from stip.runtime.launch import stip_server
+    from stip.runtime.launch import free_port, stip_server
     from stip.runtime.remote import RemoteClient, RemoteServer
     from stip.runtime.sessions import make_session
 
@@ -83,15 +84,20 @@ def main() -> int:
     tok: dict[str, list[float]] = {}
     req: dict[str, list[float]] = {}
     t_start = clock()
-    with triton_fixture.triton(repo) as t, stip_server(dec / "server", model_name="dec") as dec_url, \
-            stip_server(enc / "server", model_name="enc") as enc_url:
+    dec_grpc, enc_grpc = free_port(), free_port()
+    with triton_fixture.triton(repo) as t, \
+            stip_server(dec / "server", "--grpc-port", str(dec_grpc), model_name="dec") as dec_url, \
+            stip_server(enc / "server", "--grpc-port", str(enc_grpc), model_name="enc") as enc_url:
         startup = clock() - t_start
         gens = {"triton-http": StipGenerator(dec / "client", server=RemoteServer(t.http_url, "dec")),
                 "triton-grpc": StipGenerator(dec / "client", server=RemoteServer(t.grpc_url, "dec")),
-                "stip-serve-http": StipGenerator(dec / "client", server=RemoteServer(dec_url, "dec"))}
+                "stip-serve-http": StipGenerator(dec / "client", server=RemoteServer(dec_url, "dec")),
+                "stip-serve-grpc": StipGenerator(dec / "client",
+                                                 server=RemoteServer(f"grpc://127.0.0.1:{dec_grpc}", "dec"))}
         encs = {"triton-http": RemoteClient(enc / "client", t.http_url, "enc"),
                 "triton-grpc": RemoteClient(enc / "client", t.grpc_url, "enc"),
                 "stip-serve-http": RemoteClient(enc / "client", enc_url, "enc"),
+                "stip-serve-grpc": RemoteClient(enc / "client", f"grpc://127.0.0.1:{enc_grpc}", "enc"),
                 "stip-in-process": LocalDeployment(enc, device="cpu")}
         tokens = {k: list(g.generate(prompt, 8)) for k, g in gens.items()}  # warm-up, and the same tokens
         assert len({tuple(v) for v in tokens.values()}) == 1, tokens
@@ -115,6 +121,12 @@ def main() -> int:
     result = {"decoder": a.decoder, "encoder": a.encoder, "seq": models.SEQ, "servers_startup_s": round(startup, 2),
               "ms_per_token_median": {k: round(1e3 * statistics.median(v), 3) for k, v in tok.items()},
               "ms_per_request_median": {k: round(1e3 * statistics.median(v), 3) for k, v in req.items()}}
+    # ratios of medians, all measured in this run: gRPC vs HTTP per token, each side vs plaintext per request
+    med_tok, med_req = result["ms_per_token_median"], result["ms_per_request_median"]
+    result["grpc_over_http_per_token"] = {
+        srv: round(med_tok[f"{srv}-grpc"] / med_tok[f"{srv}-http"], 3) for srv in ("triton", "stip-serve")}
+    result["over_plaintext_per_request"] = {
+        k: round(v / med_req["plaintext-in-process"], 3) for k, v in med_req.items() if k != "plaintext-in-process"}
     if a.json:
         print(json.dumps(result, indent=2))
     else:
@@ -124,6 +136,8 @@ def main() -> int:
         print(f"{a.encoder} (seq {models.SEQ}): ms per request (median of {a.rounds} x {a.requests})")
         for k, v in result["ms_per_request_median"].items():
             print(f"  {k:22} {v:9.3f}")
+        print("gRPC / HTTP per token:", result["grpc_over_http_per_token"])
+        print("per request / plaintext in-process:", result["over_plaintext_per_request"])
     return 0
 
 
