@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -221,6 +222,13 @@ class GrpcEndpoint:
 
         if not 0 < port < 65536:
             raise StipError(f"--grpc-port {port}: expected 1..65535, or 0 for no gRPC endpoint")
+        probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:  # a busy port is one clear line here, not grpc's own log lines on stderr and then a failure
+            probe.bind((host, port))
+        except OSError as e:
+            raise StipError(f"--grpc-port {port}: cannot listen on {host}:{port}: {e.strerror or e}")
+        finally:
+            probe.close()
         calls = limits.workers + limits.max_queue + HEADROOM
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=calls, thread_name_prefix="stip-grpc")
         self.server = grpc.server(self.pool, maximum_concurrent_rpcs=calls, options=[

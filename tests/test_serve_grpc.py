@@ -333,3 +333,19 @@ def test_tls_grpcs(bundles, tmp_path, zoo):
         assert srv.alive()
     finally:
         srv.stop()
+
+
+def test_bad_grpc_port_is_one_line_error(bundles):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        busy = held.getsockname()[1]
+        for port, needle in ((70000, "--grpc-port 70000"), (busy, f"--grpc-port {busy}")):
+            r = subprocess.run([sys.executable, "-m", "stip.compiler.cli", "serve", str(bundles["bert"]), "--port",
+                                "0", "--grpc-port", str(port)], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
