@@ -349,3 +349,33 @@ def test_bad_grpc_port_is_one_line_error(bundles):
                                 "0", "--grpc-port", str(port)], capture_output=True, text=True, timeout=60)
             assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
             assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_full_queue_is_resource_exhausted_over_grpc(bundles, tmp_path):
+    """One worker and no queue, shared with HTTP: concurrent gRPC calls beyond it are refused at once with
+    RESOURCE_EXHAUSTED ("server busy"), the others are exact."""
+    srv = ServerProcess([f"bert={bundles['bert']}", "--device", "cpu", "--workers", "1", "--max-queue", "0"],
+                        tmp_path / "queue.log", grpc=True)
+    try:
+        ref = Server(bundles["bert"] / "server", device="cpu")
+        rng = np.random.default_rng(5)
+        feeds = {n: (rng.standard_normal((8, 512, 32)).astype(np.float32) if n != "attention_mask"
+                     else np.ones((8, 512), np.int64)) for n in ref.input_names}
+        want = ref.run(feeds)[ref.output_names[0]]
+        with grpc.insecure_channel(hostport(srv)) as ch:
+            s = pb_grpc.GRPCInferenceServiceStub(ch)
+            futures = [s.ModelInfer.future(_raw("bert", feeds), timeout=120) for _ in range(8)]
+            codes = []
+            for f in futures:
+                try:
+                    r = f.result()
+                    i = [o.name for o in r.outputs].index(ref.output_names[0])
+                    np.testing.assert_array_equal(np.frombuffer(r.raw_output_contents[i], np.float32).reshape(
+                        r.outputs[i].shape), want)
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in e.details(), e
+                    codes.append(e.code().name)
+        assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
+    finally:
+        srv.stop()
