@@ -15,8 +15,10 @@ The server is split by concern:
 - serve_auth: bearer tokens from a hot-reloaded file;
 - serve_http: Host allow-list, auth and Content-Type checks, body reading, header timeout, connection cap;
 - serve_model: one served graph and one request from body to response;
-- serve_app: the routes, the worker pool, /metrics and the idle-sequence reaper;
-- this module: the `stip serve` entry point (flags -> a listening uvicorn server).
+- serve_app: the routes, the worker pool and queue shared by both transports (Dispatcher), /metrics and the
+  idle-sequence reaper;
+- serve_grpc: the same service over gRPC (KServe v2 GRPCInferenceService, --grpc-port), on the same code;
+- this module: the `stip serve` entry point (flags -> a listening uvicorn server, and the gRPC port).
 
 Conventions, as Triton implements them:
 - JSON tensors: {"name", "datatype" (FP32, INT64, ...), "shape", "data" (row-major, flat or nested)}.

@@ -111,6 +111,36 @@ def encode(sig: Signature, p: Parsed, out: dict[str, np.ndarray]):
     return resp
 
 
+class BadMessage:
+    """What a request that protobuf cannot decode turns into: the handler answers INVALID_ARGUMENT (grpc itself
+    would answer INTERNAL, as if the server had failed)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def tolerant_deserializers():
+    """A server interceptor whose handlers decode requests without raising (see BadMessage)."""
+    import grpc
+
+    class Interceptor(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            handler = continuation(details)
+            decode = getattr(handler, "request_deserializer", None)
+            if decode is None:
+                return handler
+
+            def safe(data: bytes):
+                try:
+                    return decode(data)
+                except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+                    return BadMessage(e)
+
+            return handler._replace(request_deserializer=safe)
+
+    return Interceptor()
+
+
 def servicer(core):
     """The GRPCInferenceService implementation over a serve_app.Core."""
     import grpc
@@ -125,8 +155,11 @@ def servicer(core):
         def call(self, request, context):
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
-            model = getattr(request, "model_name", None) or getattr(request, "name", "")
+            model = str(getattr(request, "model_name", None) or getattr(request, "name", ""))
             try:
+                if isinstance(request, BadMessage):
+                    raise RequestError(400, f"the {name} request is not a valid protobuf message "
+                                       f"({str(request.error)[:100]})")
                 owner = ""
                 if core.tokens is not None and name not in OPEN_METHODS:
                     md = {k.lower(): v for k, v in context.invocation_metadata()}
@@ -231,7 +264,8 @@ class GrpcEndpoint:
             probe.close()
         calls = limits.workers + limits.max_queue + HEADROOM
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=calls, thread_name_prefix="stip-grpc")
-        self.server = grpc.server(self.pool, maximum_concurrent_rpcs=calls, options=[
+        self.server = grpc.server(self.pool, interceptors=[tolerant_deserializers()],
+                                  maximum_concurrent_rpcs=calls, options=[
             ("grpc.max_receive_message_length", limits.max_request_bytes + (64 << 10)),
             ("grpc.max_send_message_length", -1),
             ("grpc.max_concurrent_streams", calls),

@@ -273,6 +273,14 @@ def test_bad_requests_get_precise_status_and_the_server_stays_correct(server, bu
         with pytest.raises(grpc.RpcError) as e:
             call(request, metadata=md("bob"), timeout=30)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    # bytes that are no protobuf message at all: INVALID_ARGUMENT (grpc's own answer would be INTERNAL)
+    channel = grpc.insecure_channel(hostport(server))
+    for method in ("ModelInfer", "ModelMetadata", "ServerLive"):
+        raw = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff\xff\x0f", metadata=md("bob"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, e.value)
+    channel.close()
     with pytest.raises(grpc.RpcError) as e:  # a method stip does not offer: UNIMPLEMENTED, not INTERNAL
         stub.ModelStatistics(pb.ModelStatisticsRequest(name="bert"), metadata=md("bob"), timeout=30)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
