@@ -55,7 +55,9 @@ def unsupported() -> str | None:
 
 
 def _spec() -> str:
-    return "\n".join([sys.executable, platform.python_version(), *REQUIREMENTS]) + "\n"
+    """What the cached venv was built from: the base interpreter (not the venv calling us, so every project venv
+    and worktree shares one build), its version and the pins."""
+    return "\n".join([sys.base_prefix, platform.python_version(), *REQUIREMENTS]) + "\n"
 
 
 def ensure_venv(venv: Path = VENV, log=sys.stderr) -> Path:
