@@ -27,12 +27,7 @@ STIP = [sys.executable, "-m", "stip.compiler.cli"]
 PROMPT = [5, 9, 17, 3, 44]
 DECODERS = ["gpt2", "llama", "qwen2"]
 EXPECTED = (AssertionError, StipError)  # how a known compiler gap shows; a failed optimum export is not absorbed
-XFAIL = {
-    ("bert", "question-answering"): "compiler: the QA head (one Linear with 2 outputs, then Split into start/end "
-    "logits) is refused with 'parts unpermuted' (patterns)",
-    ("st-bert", "feature-extraction"): "compiler: Reshape whose target shape is built at run time from "
-    "Shape/Gather/Concat pins the heads, 'cannot follow (unknown sizes)' (patterns)",
-}
+XFAIL: dict[tuple[str, str], str] = {}  # (arch, task) -> the compiler gap that still refuses it
 CASES = [("bert", "feature-extraction"), ("bert", "text-classification"), ("bert", "token-classification"),
          ("bert", "question-answering"), ("distilbert", "fill-mask"), ("roberta", "text-classification"),
          ("vit", "image-classification"), ("gpt2", "text-generation-with-past"),
