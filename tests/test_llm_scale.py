@@ -131,3 +131,93 @@ def test_bf16_weights_bit_exact(zoo, tmp_path):
     server = onnx.load(str(Layout(tmp_path / "out").server_model), load_external_data=False)
     assert {t.data_type for t in server.graph.initializer if len(t.dims) >= 2} == {TensorProto.BFLOAT16}
     assert assert_weights_bit_exact(model, tmp_path / "out") > 5
+
+
+def external_copy(src: Path, dst_dir: Path) -> Path:
+    """The model with every weight in one external data file (as large exports are)."""
+    dst_dir.mkdir()
+    dst = dst_dir / "model.onnx"
+    onnx.save_model(onnx.load(str(src)), str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    return dst
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_streaming_compile_with_shards_runs_verifies_and_leaves_nothing(zoo, tmp_path, monkeypatch, dtype):
+    """Thresholds lowered so a tiny Llama takes the large-model path: weights memory-mapped from external data,
+    streamed into 20 kB server shards and an external pre.onnx.data, self-checked, bit-exact."""
+    from stip.compiler import pipeline
+    from stip.compiler.inspect import inspect_bundle
+    from stip.passes.graph import load_graph
+    from stip.runtime.verify import verify
+
+    src = zoo.get("llama-cache")
+    if dtype == "fp16":
+        src = to_fp16(src, tmp_path / "fp16.onnx")
+    model = external_copy(src, tmp_path / "src")
+    consts = load_graph(model).constants
+    assert isinstance(consts[max(consts, key=consts.nbytes)], np.memmap)  # read lazily, never loaded whole
+    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 4_000)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    report = compile_model(model, out, shard_size=20_000)
+    assert list(cwd.iterdir()) == []  # no shape-inference temp files, no stray data
+    assert {p.name for p in tmp_path.iterdir()} - {"fp16.onnx"} == {"cwd", "out", "src"}
+
+    server_dir = Layout(out).server_dir
+    shards = sorted(server_dir.glob("*.onnx.data"))
+    n = len(shards)
+    assert n >= 3 and [s.name for s in shards] == [f"model-{i:05d}-of-{n:05d}.onnx.data" for i in range(1, n + 1)]
+    server = onnx.load(str(Layout(out).server_model), load_external_data=False)
+    ext = [t for t in server.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    per_file: dict[str, int] = {}
+    for t in ext:  # each tensor lies wholly inside one shard
+        info = {e.key: e.value for e in t.external_data}
+        assert int(info["offset"]) + int(info["length"]) <= (server_dir / info["location"]).stat().st_size
+        per_file[info["location"]] = per_file.get(info["location"], 0) + 1
+    assert set(per_file) == {s.name for s in shards}
+    assert all(s.stat().st_size <= 20_000 or per_file[s.name] == 1 for s in shards)
+    assert (Layout(out).client_dir / "pre.onnx.data").is_file()
+
+    assert report["self_check"]["outputs"]
+    assert all(c.ok for c in verify(out, model, atol=1e-2 if dtype == "fp16" else 1e-4,
+                                    rtol=1e-2 if dtype == "fp16" else 1e-4, past=3, seq=4, device="cpu"))
+    assert assert_weights_bit_exact(model, out) > 5
+    b = inspect_bundle(out)["bundle"]
+    assert b["server_bytes"] == sum(f.stat().st_size for f in server_dir.iterdir())
+    assert b["client_bytes"] == sum(f.stat().st_size for f in Layout(out).client_dir.iterdir())
+    assert {f["file"]: f["holds"] for f in b["files"]}[f"server/{shards[0].name}"]
+
+
+def test_bf16_streamed_bit_exact(zoo, tmp_path, monkeypatch):
+    from stip.compiler import pipeline
+
+    model = external_copy(to_bf16(zoo.get("llama-cache"), tmp_path / "bf16.onnx"), tmp_path / "src")
+    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 4_000)
+    compile_model(model, tmp_path / "out", shard_size=50_000, check=False)
+    assert len(list(Layout(tmp_path / "out").server_dir.glob("*.onnx.data"))) >= 2
+    assert assert_weights_bit_exact(model, tmp_path / "out") > 5
+
+
+def test_truncated_external_data_is_refused_by_name(zoo, tmp_path):
+    from stip.passes.errors import StipError
+
+    model = external_copy(zoo.get("llama-cache"), tmp_path / "src")
+    data = model.parent / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(StipError, match=r"initializer '.+': external data 'model.onnx.data' is truncated"):
+        compile_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [["--shard-size", "lots"], ["--shard-size", "0"],
+                                   ["--shard-size", "1MB", "--external-data", "never"]])
+def test_cli_refuses_bad_shard_size(zoo, tmp_path, capsys, flags):
+    from stip.compiler.cli import main
+
+    assert main(["compile", str(zoo.get("llama-cache")), "-o", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--shard-size" in err[0]
+    assert not (tmp_path / "out").exists()
