@@ -126,7 +126,12 @@ def test_weights_bit_exact_and_checked_at_dtype_precision(zoo, tmp_path, family,
 def test_bf16_weights_bit_exact(zoo, tmp_path):
     """ORT's CPU provider has no bf16 kernels (Add, MatMul), so a bf16 bundle cannot run here: its bytes are
     checked word for word, and its structure by the fp32 self-check of the same model."""
+    from stip.passes.errors import StipError
+
     model = to_bf16(zoo.get("llama-cache"), tmp_path / "model-bf16.onnx")
+    with pytest.raises(StipError, match=r"self-check could not run.*--no-check"):  # refused, not written wrong
+        compile_model(model, tmp_path / "checked")
+    assert not (tmp_path / "checked").exists()
     compile_model(model, tmp_path / "out", check=False)
     server = onnx.load(str(Layout(tmp_path / "out").server_model), load_external_data=False)
     assert {t.data_type for t in server.graph.initializer if len(t.dims) >= 2} == {TensorProto.BFLOAT16}
