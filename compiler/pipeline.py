@@ -30,7 +30,7 @@ from stip.passes.errors import StipError
 from stip.passes.formats import refuse_unsupported_format
 from stip.passes.graph import Graph, load_graph
 from stip.passes.partition import Partition, detect_private, partition
-from stip.passes.permute import draw
+from stip.passes.permute import Permutations, draw
 from stip.passes.solve import Solution, require_transformer, solve
 from stip.runtime.bundle_format import TOKENIZER_DIR, Layout, Manifest
 from stip.runtime.verify import index_range
@@ -130,6 +130,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
         check_output_dir(out, force)  # again: the directory may have changed while we analysed
         tmp = new_temp(out)
         lay = Layout(tmp)
+        writers: dict[str, ExternalWriter] = {}
         try:
             for d in (lay.server_dir, lay.client_dir, lay.developer_dir):
                 d.mkdir()
@@ -164,7 +165,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
             swap_into_place(tmp, out)
             tick()
         except BaseException:
-            for w in locals().get("writers", {}).values():
+            for w in writers.values():
                 w.close()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -184,7 +185,7 @@ def _check(tmp: Path, model_path: str | Path, step: Progress) -> dict:
 @dataclass
 class _Plan:
     analysis: Analysis
-    perms: object
+    perms: Permutations
     key_id: str
     head: str
     max_context: int | None
