@@ -54,7 +54,7 @@ def _attr(n, name, default):
 
 
 def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: int = 0,
-                 past: int = 0, axes: dict[str, list[Role]] | None = None) -> dict[str, np.ndarray]:
+                 past: int = 0, axes: dict[str, list[Role]] | None = None, session=None) -> dict[str, np.ndarray]:
     """Inputs of the right dtypes and sizes: ids within the vocabulary, masks with padding, positions after the
     cache, Gaussian floats (and a random KV cache of `past` positions for decoders exported with one).
 
@@ -67,7 +67,7 @@ def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: in
         from stip.passes.axes import input_axes
 
         axes = input_axes(g)
-    sess = make_session(model_path, "cpu")
+    sess = session or make_session(model_path, "cpu")  # a caller's session: the model is not loaded twice
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for inp in sess.get_inputs():
@@ -142,8 +142,9 @@ def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq:
     sess = make_session(original, device)
     same_interface(manifest, sess, original, bundle_dir)
     steps = ((past, 0), (seq, past)) if cached else ((seq, 0),)
-    feeds = [{k: v for k, v in random_feeds(original, batch, length, seed + i, past=start, axes=manifest.axes).items()
-              if k not in cache_inputs} for i, (length, start) in enumerate(steps) if length]
+    feeds = [{k: v for k, v in random_feeds(original, batch, length, seed + i, past=start, axes=manifest.axes,
+                                            session=sess).items() if k not in cache_inputs}
+             for i, (length, start) in enumerate(steps) if length]
     ref = _run_original(sess, original, feeds, cached, batch)
     del sess
     got = _run_bundle(bundle_dir, device, feeds, cached, batch)
