@@ -34,13 +34,15 @@ def _progress(quiet: bool):
 
 def cmd_compile(a: argparse.Namespace) -> int:
     """Compile an exported ONNX Transformer into a STIP bundle: server/, client/ and developer/ (the key)."""
+    from stip.compiler.external import parse_size
     from stip.compiler.pipeline import compile_model
 
     step, ctx = _progress(a.quiet)
     with ctx:
         report = compile_model(a.model, a.output, force=a.force, private=a.private, public=a.public,
                                external_data=a.external_data, progress=step, head=a.head,
-                               tokenizer=a.tokenizer, max_context=a.max_context, check=a.check)
+                               tokenizer=a.tokenizer, max_context=a.max_context, check=a.check,
+                               shard_size=parse_size(a.shard_size, "--shard-size") if a.shard_size else None)
     for w in report.get("warnings", []) + report.get("unpermuted_crossings", []):
         print(f"stip compile: warning: {w}", file=sys.stderr)
     sizes = report["bundle_sizes"]
@@ -254,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing bundle (and its key)")
     c.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
                    help="store server weights in model.onnx.data (auto: when over 1 GiB)")
+    c.add_argument("--shard-size", metavar="SIZE",
+                   help="split the server's external data into files of at most SIZE (e.g. 2GB, 500MiB; a "
+                   "tensor is never split): model-00001-of-0000N.onnx.data ...")
     c.add_argument("--head", choices=["server", "client"], default="server",
                    help="where the LM head runs: server (default, as in the paper: logits leave the server in "
                    "the secret vocabulary order) or client (the server never sees logits; the user pays "

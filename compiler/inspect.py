@@ -22,6 +22,12 @@ HOLDS = {
 PARTY = {SERVER_DIR: "model server (cloud)", CLIENT_DIR: "user", DEVELOPER_DIR: "model developer"}
 
 
+def _external_data(rel: str) -> str:
+    if rel.endswith(".onnx.data"):
+        return "server weights (external data shard)" if rel.startswith(SERVER_DIR) else "weights (external data)"
+    return ""
+
+
 def inspect_model(path: Path, private=None, public=None) -> dict:
     from stip.compiler.pipeline import analyse
 
@@ -39,7 +45,7 @@ def inspect_bundle(d: Path) -> dict:
         if f.is_file():
             rel = f.relative_to(d).as_posix()
             files.append({"party": PARTY.get(rel.split("/")[0], "?"), "file": rel, "bytes": f.stat().st_size,
-                          "holds": HOLDS.get(rel, "")})
+                          "holds": HOLDS.get(rel) or _external_data(rel)})
     size = lambda top: sum(x["bytes"] for x in files if x["file"].startswith(top + "/"))  # noqa: E731
     report: dict = {"bundle": {
         "path": str(d), "key_id": manifest.key_id, "server_key_id": model_key_id(lay.server_model),

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from stip.compiler.external import ExternalWriter
 from stip.compiler.keys import new_key_id, random_permutation, write_key
 from stip.compiler.output import (
     check_output_dir,
@@ -29,7 +30,7 @@ from stip.passes.errors import StipError
 from stip.passes.formats import refuse_unsupported_format
 from stip.passes.graph import Graph, load_graph
 from stip.passes.partition import Partition, detect_private, partition
-from stip.passes.permute import draw
+from stip.passes.permute import Permutations, draw
 from stip.passes.solve import Solution, require_transformer, solve
 from stip.runtime.bundle_format import TOKENIZER_DIR, Layout, Manifest
 from stip.runtime.verify import index_range
@@ -100,7 +101,8 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = False,
                   private: list[str] | None = None, public: list[str] | None = None,
                   external_data: str = "auto", progress: Progress | None = None, head: str = "server",
-                  tokenizer: str | Path | None = None, max_context: int | None = None, check: bool = True) -> dict:
+                  tokenizer: str | Path | None = None, max_context: int | None = None, check: bool = True,
+                  shard_size: int | None = None) -> dict:
     """Write out/{server,client,developer}; nothing is left behind on failure, nothing replaced without force,
     and only a bundle replaced with it (see stip.compiler.output). With `check`, the bundle must match the
     original in onnxruntime before it takes the output's place."""
@@ -115,25 +117,36 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
         raise StipError(f"--tokenizer {tokenizer}: not a directory")
     if max_context is not None and max_context < 1:
         raise StipError(f"--max-context {max_context}: must be at least 1")
-    bundle, report, manifest, key = _compile_in_memory(model_path, private, public, step, head, max_context)
-    # The analysis (every weight as numpy) was freed when _compile_in_memory returned: peak RSS while saving is
-    # the three bundle models plus one serialized copy, not the original model on top.
+    if shard_size is not None and (shard_size < 1 or external_data == "never"):
+        raise StipError(f"--shard-size {shard_size}: must be positive, and cannot be combined with "
+                        "--external-data never")
+    planned = _analyse_and_draw(model_path, private, public, step, head, max_context)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StipError(f"{out.parent}: cannot create the output's parent directory ({e.strerror})")
     with locked(out):
-        check_output_dir(out, force)  # again: the directory may have changed while we compiled
+        check_output_dir(out, force)  # again: the directory may have changed while we analysed
         tmp = new_temp(out)
         lay = Layout(tmp)
+        writers: dict[str, ExternalWriter] = {}
         try:
-            tick = step("writing bundle", None)
             for d in (lay.server_dir, lay.client_dir, lay.developer_dir):
                 d.mkdir()
-            _save(bundle.server, lay.server_model, external_data)
-            _save(bundle.pre, lay.pre, "never")
-            _save(bundle.post, lay.post, "never")
+            # Weights stream from the original (memory-mapped) into the bundle's files as they are folded, so
+            # neither model is ever whole in memory; small graphs are assembled in memory and written at once.
+            writers = _writers(planned, lay, external_data, shard_size)
+            bundle, report, manifest, key = _build(planned, step, writers)
+            del planned
+            tick = step("writing bundle", None)
+            for part_name, path in (("server", lay.server_model), ("pre", lay.pre), ("post", lay.post)):
+                m = getattr(bundle, part_name)
+                if part_name in writers:
+                    writers[part_name].finish(m.graph)
+                    write_model(m, path)
+                else:
+                    _save(m, path, external_data if part_name == "server" else "never")
             del bundle  # on disk now: the self-check loads it as sessions, so drop the in-memory copy first
             if tokenizer is not None:
                 shutil.copytree(tokenizer, lay.client_dir / TOKENIZER_DIR)
@@ -144,6 +157,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
             report["bundle_sizes"] = {
                 "client_bytes": sum(f.stat().st_size for f in lay.client_dir.rglob("*") if f.is_file()),
                 "server_bytes": sum(f.stat().st_size for f in lay.server_dir.rglob("*") if f.is_file()),
+                "server_files": sorted(f.name for f in lay.server_dir.iterdir()),
             }
             report["self_check"] = _check(tmp, model_path, step) if check else "skipped (--no-check)"
             lay.report.write_text(json.dumps(report, indent=2))
@@ -151,6 +165,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
             swap_into_place(tmp, out)
             tick()
         except BaseException:
+            for w in writers.values():
+                w.close()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return report
@@ -166,14 +182,47 @@ def _check(tmp: Path, model_path: str | Path, step: Progress) -> dict:
     return summary
 
 
-def _compile_in_memory(model_path, private, public, step, head="server", max_context=None):
+@dataclass
+class _Plan:
+    analysis: Analysis
+    perms: Permutations
+    key_id: str
+    head: str
+    max_context: int | None
+
+
+def _part_weight_bytes(g: Graph, node_ids: list[int]) -> int:
+    nodes = g.model.graph.node
+    names = {x for i in node_ids for x in nodes[i].input if x in g.constants}
+    size = getattr(g.constants, "nbytes", None)
+    return sum(size(x) if size else int(g.constants[x].nbytes) for x in names)
+
+
+def _writers(plan: _Plan, lay: Layout, external: str, shard_size: int | None) -> dict[str, ExternalWriter]:
+    """Which graphs stream their weights to external data: the server when asked (always, sharded) or when its
+    weights exceed the threshold; pre/post (embedding table, client-side head) when theirs do."""
+    g, part = plan.analysis.graph, plan.analysis.partition
+    out: dict[str, ExternalWriter] = {}
+    server_bytes = _part_weight_bytes(g, part.server_nodes)
+    if external == "always" or shard_size or (external == "auto" and server_bytes > EXTERNAL_DATA_THRESHOLD):
+        out["server"] = ExternalWriter(lay.server_model, shard_size)
+    for name, nodes, path in (("pre", part.pre_nodes, lay.pre), ("post", part.post_nodes, lay.post)):
+        if _part_weight_bytes(g, nodes) > EXTERNAL_DATA_THRESHOLD:
+            out[name] = ExternalWriter(path)
+    return out
+
+
+def _analyse_and_draw(model_path, private, public, step, head="server", max_context=None) -> _Plan:
     tick = step("analysing graph", None)
     a = analyse(model_path, private, public, head=head)
     tick()
-    g, sol, part = a.graph, a.solution, a.partition
-    assert part is not None
-    key_id = new_key_id()
-    perms = draw(sol, random_permutation)
+    assert a.partition is not None
+    return _Plan(a, draw(a.solution, random_permutation), new_key_id(), head, max_context)
+
+
+def _build(plan: _Plan, step, sinks: dict):
+    g, sol, part = plan.analysis.graph, plan.analysis.solution, plan.analysis.partition
+    perms, key_id, head, max_context = plan.perms, plan.key_id, plan.head, plan.max_context
     uses = sum(1 for i in part.pre_nodes + part.server_nodes + part.post_nodes
                for x in g.model.graph.node[i].input if x in g.constants)
     report = model_summary(g, sol, part)
@@ -182,7 +231,7 @@ def _compile_in_memory(model_path, private, public, step, head="server", max_con
     context = max_context or position_table_rows(g, part.private)
     axes = input_axes(g)  # each input axis's role, from the graph (before build releases the constants)
     bundle = build(g, sol, perms, part, key_id, progress=step("folding permutations into weights", uses),
-                   release_constants=True)
+                   release_constants=True, sinks=sinks)
     server_inputs = {i.name for i in bundle.server.graph.input}
     cache_inputs = {i for i, _ in part.cache}
     manifest = {

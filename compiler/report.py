@@ -245,7 +245,8 @@ def render(report: dict) -> str:
         for row in b["files"]:
             t.add_row(row["party"], row["file"], _human(row["bytes"]), row["holds"])
         con.print(t)
-        con.print(f"client bundle: {_human(b['client_bytes'])}   server bundle: {_human(b['server_bytes'])}")
+        con.print(f"download size: user (client/) {_human(b['client_bytes'])}   model server (server/) "
+                  f"{_human(b['server_bytes'])}")
     if "model" in report:
         con.print(f"[b]Model[/b] {report['model']}  opset {report['opset']}  {report['nodes']} nodes  "
                   f"{report['parameters']:,} parameters  {report['layers']} attention layers  "

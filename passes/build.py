@@ -18,6 +18,7 @@ from stip.runtime.bundle_format import CACHE_SHAPE_SUFFIX, KEY_ID_PROP, ROLE_PRO
 
 SERVER_SUFFIX = ".stip_server"
 CLIENT_SUFFIX = ".stip_client"  # pre's copy of an output it computes itself; post turns it into the output
+Sink = Callable[[onnx.GraphProto, np.ndarray, str, "int | None"], None]  # (graph, tensor, name, onnx data_type)
 
 
 @dataclass
@@ -42,14 +43,15 @@ def _value_info(g: Graph, name: str, new_name: str | None = None) -> onnx.ValueI
     return helper.make_tensor_value_info(new_name or name, g.dtypes.get(name, TensorProto.FLOAT), dims)
 
 
-def add_initializer(graph: onnx.GraphProto, arr: np.ndarray, name: str) -> None:
-    """Write a tensor straight into the graph: one copy of the bytes, not the three that make_graph/make_model do."""
+def add_initializer(graph: onnx.GraphProto, arr: np.ndarray, name: str, data_type: int | None = None) -> None:
+    """Write a tensor straight into the graph: one copy of the bytes, not the three that make_graph/make_model do.
+    `data_type` (the original's) keeps a bf16 tensor bf16 even when it arrives as raw uint16 words."""
     t = graph.initializer.add()
     if arr.dtype.kind in "OUS":
         t.CopyFrom(numpy_helper.from_array(arr, name))
         return
     t.name = name
-    t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+    t.data_type = data_type or helper.np_dtype_to_tensor_dtype(arr.dtype)
     t.dims.extend(arr.shape)
     t.raw_data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
 
@@ -73,8 +75,9 @@ class _ConstantFolder:
 
     def __init__(self, g: Graph, sol: Solution, perms: Permutations, graph: onnx.GraphProto,
                  progress: Callable[[], None] | None, remaining: dict[str, int] | None,
-                 identity: frozenset[int] = frozenset()):
+                 identity: frozenset[int] = frozenset(), sink: Sink | None = None):
         self.g, self.sol, self.perms, self.graph = g, sol, perms, graph
+        self.sink = sink or add_initializer  # where folded tensors go: into the graph, or streamed to disk
         self.identity = identity  # spaces left unpermuted in this graph (the vocabulary inside a client-side head)
         self.made: dict[tuple, str] = {}
         self.progress = progress
@@ -101,7 +104,8 @@ class _ConstantFolder:
             heads = {self.sol.dependent[c] for c, k in zip(classes, keys) if k is not None and c in self.sol.dependent}
             fold_classes = [c if k is not None or c in heads else None for c, k in zip(classes, keys)]
             new = f"{name}.p{len(self.made)}" if permuted else name
-            add_initializer(self.graph, fold(value, fold_classes, self.perms) if permuted else value, new)
+            self.sink(self.graph, fold(value, fold_classes, self.perms) if permuted else value, new,
+                      self.g.dtypes.get(name))
             self.made[sig] = new
         if self.remaining is not None:
             self.remaining[name] -= 1
@@ -113,9 +117,9 @@ class _ConstantFolder:
 
 
 def _subgraph(g, sol, perms, node_ids, inputs, outputs, name, progress=None, remaining=None,
-              identity: frozenset[int] = frozenset()) -> onnx.ModelProto:
+              identity: frozenset[int] = frozenset(), sink: Sink | None = None) -> onnx.ModelProto:
     m = new_model(g, name)
-    folder = _ConstantFolder(g, sol, perms, m.graph, progress, remaining, identity)
+    folder = _ConstantFolder(g, sol, perms, m.graph, progress, remaining, identity, sink)
     for idx in node_ids:
         src = g.model.graph.node[idx]
         n = m.graph.node.add()
@@ -222,8 +226,11 @@ def _cache_shapes_as_inputs(g: Graph, pre: onnx.ModelProto) -> None:
 
 
 def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id: str,
-          progress: Callable[[], None] | None = None, release_constants: bool = False) -> Bundle:
-    """The three graphs. With release_constants, g.constants is consumed (emptied) as weights are folded."""
+          progress: Callable[[], None] | None = None, release_constants: bool = False,
+          sinks: dict[str, Sink] | None = None) -> Bundle:
+    """The three graphs. With release_constants, g.constants is consumed (emptied) as weights are folded.
+    `sinks` ("pre", "server", "post") receive each folded tensor instead of the graph holding it (streaming)."""
+    sinks = sinks or {}
     graph_inputs = {i.name for i in g.model.graph.input}
     nodes = g.model.graph.node
     remaining: dict[str, int] | None = None
@@ -250,7 +257,7 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     pre = _subgraph(g, sol, perms, part.pre_nodes, pre_inputs,
                     [_value_info(g, t) for t in pre_out_names] +
                     [_value_info(g, o, c) for o, c in client_copies.items()],
-                    "stip_pre", progress, remaining)
+                    "stip_pre", progress, remaining, sink=sinks.get("pre"))
     pre.graph.node.extend(helper.make_node("Identity", [o], [c], name=f"client_copy_{o}")
                           for o, c in client_copies.items())
     _cache_shapes_as_inputs(g, pre)
@@ -266,7 +273,7 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     renames = {o: server_output_name(o) for o in returned}
     server_outputs = [_value_info(g, o, renames[o]) for o in returned] + [_value_info(g, o) for _, o in part.cache]
     server = _subgraph(g, sol, perms, part.server_nodes, server_inputs, server_outputs, "stip_server", progress,
-                       remaining)
+                       remaining, sink=sinks.get("server"))
     _rename_outputs(list(server.graph.node), renames)
 
     # post: the LM head when it runs on the client, then undo the output permutations
@@ -280,7 +287,8 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
                    for c in sol.classes(o, len(g.shapes.get(o, []))) if c is not None}
     boundary = {c for t in part.to_post for c in sol.classes(t, len(g.shapes.get(t, []))) if c is not None}
     identity = frozenset(head_spaces - boundary)
-    post = _subgraph(g, sol, perms, part.post_nodes, [], [], "stip_post", progress, remaining, identity)
+    post = _subgraph(g, sol, perms, part.post_nodes, [], [], "stip_post", progress, remaining, identity,
+                     sinks.get("post"))
     _rename_outputs(list(post.graph.node), post_renames)
     post.graph.input.extend([_value_info(g, o, renames[o]) for o in returned] +
                             [_value_info(g, o, c) for o, c in client_copies.items()])

@@ -7,6 +7,7 @@ Why: exporters hide constants in Constant nodes and Identity chains, and the sol
 from __future__ import annotations
 
 import functools
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from onnx import helper, numpy_helper
 
 from stip.passes.errors import StipError
 from stip.passes.state import pair_cache
+from stip.passes.tensors import Constants, external_tensor, is_external
 
 Dim = int | str  # a static size, or a symbolic name for a dynamic axis
 
@@ -26,7 +28,7 @@ class Graph:
 
     model: onnx.ModelProto
     path: Path
-    constants: dict[str, np.ndarray]
+    constants: MutableMapping[str, np.ndarray]  # passes.tensors.Constants: external weights memory-mapped
     shapes: dict[str, list[Dim]]
     dtypes: dict[str, int]
     producer: dict[str, int] = field(default_factory=dict)
@@ -130,6 +132,8 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _tensor_array(t: onnx.TensorProto, path: Path) -> np.ndarray:
+    if is_external(t):  # validated (location, length, truncation) and read by passes/tensors.py
+        return np.array(external_tensor(t, path).load())
     try:
         return numpy_helper.to_array(t, base_dir=str(path.parent))
     except (FileNotFoundError, OSError) as e:
@@ -317,7 +321,9 @@ def load_graph(path: str | Path, model: onnx.ModelProto | None = None) -> Graph:
         warnings.append(f"onnx.checker: {str(e).splitlines()[0][:200]}")
     shapes, dtypes = infer_shapes(sk, p, model.graph.initializer, warnings)
     del sk
-    constants = {t.name: _tensor_array(t, p) for t in model.graph.initializer}
+    constants = Constants()
+    for t in model.graph.initializer:
+        constants[t.name] = external_tensor(t, p) if is_external(t) else _tensor_array(t, p)
     g = Graph(model=_light(model), path=p, constants=constants, shapes=shapes, dtypes=dtypes, warnings=warnings)
     g.index()
     g.cache = pair_cache(g.input_names, g.output_names, str(p))

@@ -82,7 +82,8 @@ def _checked(p, n: int) -> np.ndarray:
 def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> np.ndarray:
     """Permute every axis of a constant by its space; per-head inner spaces index jointly with their head axis."""
     sol = perms.solution
-    out = value
+    raw = _raw_words(value)
+    out = raw
     later: list[tuple[int, int]] = []
     for a, c in enumerate(classes):
         if c is None or value.shape[a] == 1:
@@ -103,7 +104,17 @@ def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> n
             idx = idx.T
             shape[ha], shape[a] = idx.shape[1], idx.shape[0]
         out = np.take_along_axis(out, idx.reshape(shape), axis=a)
-    return np.ascontiguousarray(out)
+    out = np.ascontiguousarray(out)
+    return out.view(value.dtype) if raw is not value else out
+
+
+def _raw_words(value: np.ndarray) -> np.ndarray:
+    """The tensor as unsigned words of its element size: permuting is pure data movement, so every dtype
+    (fp32, fp16, bf16 from ml_dtypes, int8) comes out bit-exact, NaN payloads and negative zeros included."""
+    size = value.dtype.itemsize
+    if value.dtype.kind in "OUSb" or size not in (1, 2, 4, 8) or value.dtype.kind == "u":
+        return value
+    return np.asarray(value).view(np.dtype(f"u{size}"))
 
 
 def inverse(p: np.ndarray) -> np.ndarray:

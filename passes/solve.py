@@ -442,10 +442,15 @@ def _weight_feature_axes(node, j: int, value: np.ndarray) -> list[int]:
     return [a for a in _feature_axes(node, j, value) if value.shape[a] > 1]
 
 
+def is_float(dtype: np.dtype) -> bool:
+    """numpy floats, and ml_dtypes' bfloat16 / float8 (numpy kind 'V'), which onnx hands out for those types."""
+    return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8"))
+
+
 def _feature_axes(node, j: int, value: np.ndarray) -> list[int]:
     if value.ndim >= 2 and value.dtype in (np.int8, np.uint8) and j == 0 and node.op_type in QUANTIZED_TABLE_OPS:
         return [value.ndim - 1]  # an int8-quantized embedding table: gathered, or cast/dequantized first
-    if value.ndim < 2 or value.dtype.kind != "f":
+    if value.ndim < 2 or not is_float(value.dtype):
         return []
     return sorted({a % value.ndim for a in contract(node).weights.get(j, ())})
 

@@ -54,7 +54,7 @@ def _attr(n, name, default):
 
 
 def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: int = 0,
-                 past: int = 0, axes: dict[str, list[Role]] | None = None) -> dict[str, np.ndarray]:
+                 past: int = 0, axes: dict[str, list[Role]] | None = None, session=None) -> dict[str, np.ndarray]:
     """Inputs of the right dtypes and sizes: ids within the vocabulary, masks with padding, positions after the
     cache, Gaussian floats (and a random KV cache of `past` positions for decoders exported with one).
 
@@ -67,7 +67,7 @@ def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: in
         from stip.passes.axes import input_axes
 
         axes = input_axes(g)
-    sess = make_session(model_path, "cpu")
+    sess = session or make_session(model_path, "cpu")  # a caller's session: the model is not loaded twice
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for inp in sess.get_inputs():
@@ -130,30 +130,51 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float,
 def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq: int = 13, seed: int = 0,
            atol: float = 1e-4, rtol: float = 1e-4, device: str = "auto", past: int = 0) -> list[OutputCheck]:
     """For decoders with a cache, the cache is first built by a prefill of `past` tokens through each side
-    (the server keeps its permuted copy), then both run the same `seq` new tokens."""
-    dep = LocalDeployment(bundle_dir, device)
+    (the server keeps its permuted copy), then both run the same `seq` new tokens.
+
+    The original and the bundle run one after the other, each session freed before the next is loaded, so
+    peak memory is one model, not two: the same inputs reach both, and every output of the last step is compared."""
+    from stip.runtime.bundle_format import CLIENT_MANIFEST, Manifest, find_client_dir
+
+    manifest = Manifest.read(find_client_dir(bundle_dir) / CLIENT_MANIFEST)
+    cached = bool(manifest.cache)
+    cache_inputs = {p for p, _ in manifest.cache}
     sess = make_session(original, device)
-    same_interface(dep.client.manifest, sess, original, bundle_dir)
-    axes = dep.client.manifest.axes
-    cached = bool(dep.client.manifest.cache)
+    same_interface(manifest, sess, original, bundle_dir)
+    steps = ((past, 0), (seq, past)) if cached else ((seq, 0),)
+    feeds = [{k: v for k, v in random_feeds(original, batch, length, seed + i, past=start, axes=manifest.axes,
+                                            session=sess).items() if k not in cache_inputs}
+             for i, (length, start) in enumerate(steps) if length]
+    ref = _run_original(sess, original, feeds, cached, batch)
+    del sess
+    got = _run_bundle(bundle_dir, device, feeds, cached, batch)
+    return compare(ref, got, atol, rtol)
+
+
+def _run_original(sess, original, feeds: list[dict], cached: bool, batch: int) -> dict[str, np.ndarray]:
     if not cached:
-        feeds = random_feeds(original, batch, seq, seed, axes=axes)
-        ref = dict(zip([o.name for o in sess.get_outputs()], run(sess, None, feeds, str(original))))
-        return compare(ref, dep.run(feeds), atol, rtol)
+        return dict(zip([o.name for o in sess.get_outputs()], run(sess, None, feeds[-1], str(original))))
     from stip.runtime.generate import CachedSession
 
-    plain, stip = CachedSession(sess, batch), CachedSession(dep.server.session, batch)
-    checks: list[OutputCheck] = []
-    for step, (length, start) in enumerate(((past, 0), (seq, past))):
-        if length == 0:
-            continue
-        feeds = random_feeds(original, batch, length, seed + step, past=start, axes=axes)
-        feeds = {k: v for k, v in feeds.items() if k in plain.inputs}
-        ref = plain.run(feeds)
-        to_server, kept = dep.client.prepare(feeds, stip.past_length)
-        got = dep.client.finish(stip.run(to_server), kept)
-        checks = compare(ref, got, atol, rtol)
-    return checks
+    plain = CachedSession(sess, batch)
+    out: dict[str, np.ndarray] = {}
+    for f in feeds:
+        out = plain.run(f)
+    return out
+
+
+def _run_bundle(bundle_dir, device, feeds: list[dict], cached: bool, batch: int) -> dict[str, np.ndarray]:
+    dep = LocalDeployment(bundle_dir, device)
+    if not cached:
+        return dep.run(feeds[-1])
+    from stip.runtime.generate import CachedSession
+
+    stip = CachedSession(dep.server.session, batch)
+    out: dict[str, np.ndarray] = {}
+    for f in feeds:
+        to_server, kept = dep.client.prepare(f, stip.past_length)
+        out = dep.client.finish(stip.run(to_server), kept)
+    return out
 
 
 def same_interface(manifest, sess, original: str | Path, bundle_dir: str | Path) -> None:

@@ -1,0 +1,103 @@
+"""Stream folded weights into a bundle graph's external data, optionally in shards (like safetensors shards).
+
+Why: the bundle must never be held in memory either. Each tensor is written as soon as it is folded and then
+dropped; the graph keeps only an external_data reference (location, offset, length). With a shard size, a tensor
+that would overflow the current file starts the next one (a tensor is never split), so servers can load shards
+in parallel and operators can copy them in parts. Offsets are 4 KiB-aligned, so onnxruntime can map them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from stip.passes.build import add_initializer
+from stip.passes.errors import StipError
+
+ALIGN = 4096
+INLINE_BYTES = 1024  # smaller tensors stay inside the graph, as onnx.save's size_threshold does
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'2GB', '500MiB', '1048576' -> bytes."""
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in _UNITS or value <= 0:
+        raise StipError(f"{flag} {text}: expected a positive size such as 2GB, 500MiB or 1048576")
+    return int(value * _UNITS[unit])
+
+
+class ExternalWriter:
+    """A build() sink: big tensors go to `<graph>.data` (or `<stem>-0000K-of-0000N.onnx.data` shards)."""
+
+    def __init__(self, graph_path: Path, shard_size: int | None = None):
+        self.path = Path(graph_path)
+        self.shard_size = shard_size
+        self.files: list[Path] = []
+        self._f = None
+        self._pos = 0
+
+    def __call__(self, graph: onnx.GraphProto, arr: np.ndarray, name: str, data_type: int | None = None) -> None:
+        if arr.nbytes < INLINE_BYTES or arr.dtype.kind in "OUS":
+            add_initializer(graph, arr, name, data_type)
+            return
+        aligned = self._pos + (-self._pos % ALIGN)
+        if self._f is None or (self.shard_size and self._pos and aligned + arr.nbytes > self.shard_size):
+            self._next_file()
+        pad = -self._pos % ALIGN
+        self._f.write(b"\0" * pad)
+        offset = self._pos + pad
+        flat = np.ascontiguousarray(arr).reshape(-1)
+        if flat.dtype.byteorder == ">":
+            flat = flat.byteswap()
+        self._f.write(flat.view(np.uint8).data)
+        self._pos = offset + arr.nbytes
+        t = graph.initializer.add()
+        t.name = name
+        t.data_type = data_type or helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.dims.extend(arr.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.files[-1].name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+
+    def _next_file(self) -> None:
+        self.close()
+        self.files.append(self.path.with_name(f"{self.path.name}.data.part{len(self.files) + 1}"))
+        self._f = open(self.files[-1], "wb")
+        self._pos = 0
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def finish(self, graph: onnx.GraphProto) -> list[Path]:
+        """Close and give the files their final names: `model.onnx.data` alone, else
+        `model-00001-of-00003.onnx.data`...; the graph's references follow."""
+        self.close()
+        n = len(self.files)
+        stem = self.path.name[: -len(".onnx")] if self.path.name.endswith(".onnx") else self.path.name
+        names = ([f"{self.path.name}.data"] if n == 1 else
+                 [f"{stem}-{i + 1:05d}-of-{n:05d}.onnx.data" for i in range(n)])
+        renamed = {}
+        for old, new in zip(self.files, names):
+            old.rename(old.with_name(new))
+            renamed[old.name] = new
+        for t in graph.initializer:
+            for e in t.external_data:
+                if e.key == "location" and e.value in renamed:
+                    e.value = renamed[e.value]
+        self.files = [f.with_name(x) for f, x in zip(self.files, names)]
+        return self.files
