@@ -24,7 +24,7 @@ from stip.compiler.output import (
 )
 from stip.compiler.report import model_summary
 from stip.compiler.serialize import write_model
-from stip.passes.axes import input_axes
+from stip.passes.axes import input_axes, position_table_rows
 from stip.passes.build import build, client_reads_cache
 from stip.passes.errors import StipError
 from stip.passes.formats import refuse_unsupported_format
@@ -228,7 +228,7 @@ def _build(plan: _Plan, step, sinks: dict):
     report = model_summary(g, sol, part)
     report["head"] = head
     vocab = {n: index_range(g, n) for n in part.private if g.dtypes.get(n) in (6, 7)}
-    context = max_context or position_table_rows(g, part.private)
+    context = max_context or position_table_rows(g)
     axes = input_axes(g)  # each input axis's role, from the graph (before build releases the constants)
     bundle = build(g, sol, perms, part, key_id, progress=step("folding permutations into weights", uses),
                    release_constants=True, sinks=sinks)
@@ -250,15 +250,3 @@ def _build(plan: _Plan, step, sinks: dict):
     }
     return bundle, report, manifest, perms.by_name()
 
-
-def position_table_rows(g: Graph, private: list[str]) -> int | None:
-    """The longest context a learned position table allows (GPT-2's wpe, BERT's position embeddings)."""
-    from stip.passes.partition import value_cone
-
-    nodes = g.model.graph.node
-    cone = value_cone(g, private)
-    private_vals = set(private) | {o for i in cone for o in nodes[i].output}
-    rows = [g.constants[n.input[0]].shape[0] for n in nodes
-            if n.op_type == "Gather" and n.input[0] in g.constants and g.constants[n.input[0]].ndim == 2
-            and n.input[1] not in private_vals]
-    return min(rows) if rows else None

@@ -27,14 +27,18 @@ from pathlib import Path
 REQUIREMENTS = ["torch==2.13.0", "transformers==4.57.6", "optimum-onnx==0.1.0", "optimum==2.1.0",
                 "sentence-transformers==5.7.0", "onnxruntime==1.31.1", "pillow==13.0.0"]
 TASKS = ["feature-extraction", "text-classification", "token-classification", "question-answering", "fill-mask",
-         "image-classification", "text-generation", "text-generation-with-past", "sentence-similarity"]
+         "image-classification", "text-generation", "text-generation-with-past", "sentence-similarity",
+         "multiple-choice"]
 # (arch, task) pairs the tests cover; sentence-transformers models are `st-bert feature-extraction`.
 CASES = [("bert", "feature-extraction"), ("bert", "text-classification"), ("bert", "token-classification"),
          ("bert", "question-answering"), ("distilbert", "fill-mask"), ("roberta", "text-classification"),
          ("vit", "image-classification"), ("gpt2", "text-generation-with-past"),
          ("llama", "text-generation-with-past"), ("qwen2", "text-generation-with-past"),
          ("st-bert", "feature-extraction")]
-ARCHS = ["bert", "distilbert", "roberta", "vit", "gpt2", "llama", "qwen2", "st-bert"]
+ARCHS = ["bert", "distilbert", "roberta", "vit", "gpt2", "llama", "qwen2", "st-bert", "xlm-roberta", "mpnet",
+         "deberta-v2", "albert", "electra", "deit", "beit", "swin", "mistral", "phi3", "gemma", "falcon", "opt",
+         "gpt-neox"]
+IMAGE_ARCHS = ("vit", "deit", "beit", "swin")
 STAMP = "stip-requirements.txt"
 
 
@@ -175,6 +179,31 @@ def _config(arch: str, vocab: int):
     if arch == "qwen2":
         return tf.Qwen2Config(vocab_size=vocab, max_position_embeddings=64, num_key_value_heads=2,
                               bos_token_id=0, eos_token_id=0, tie_word_embeddings=False, **SMALL)
+    dec = dict(vocab_size=vocab, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    enc = dict(vocab_size=vocab, max_position_embeddings=64, num_labels=3, **SMALL)
+    img = dict(image_size=32, patch_size=8, num_channels=3, num_labels=5)
+    simple = {"xlm-roberta": lambda: tf.XLMRobertaConfig(pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                                         **{**enc, "max_position_embeddings": 66}),
+              "mpnet": lambda: tf.MPNetConfig(pad_token_id=1, **{**enc, "max_position_embeddings": 66}),
+              "deberta-v2": lambda: tf.DebertaV2Config(**enc),
+              "albert": lambda: tf.AlbertConfig(embedding_size=16, **enc),
+              "electra": lambda: tf.ElectraConfig(embedding_size=16, **enc),
+              "deit": lambda: tf.DeiTConfig(**img, **SMALL),
+              "beit": lambda: tf.BeitConfig(**img, **SMALL),
+              "swin": lambda: tf.SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1],
+                                            num_heads=[2, 4], window_size=4, num_labels=5),
+              "mistral": lambda: tf.MistralConfig(num_key_value_heads=2, tie_word_embeddings=False, **dec, **SMALL),
+              "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False,
+                                            **dec, **SMALL),
+              "gemma": lambda: tf.GemmaConfig(num_key_value_heads=2, head_dim=8, pad_token_id=0, **dec, **SMALL),
+              "falcon": lambda: tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, bos_token_id=0, eos_token_id=0),
+              "opt": lambda: tf.OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                          num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                          bos_token_id=0, eos_token_id=0, pad_token_id=1),
+              "gpt-neox": lambda: tf.GPTNeoXConfig(**dec, **SMALL)}
+    if arch in simple:
+        return simple[arch]()
     raise ValueError(arch)
 
 
@@ -196,14 +225,14 @@ def _bpe(d: Path, arch: str) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] if arch == "roberta" else ["<|endoftext|>"]
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"] if arch in ("roberta", "xlm-roberta") else ["<|endoftext|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
     tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if arch == "roberta":
+    if arch in ("roberta", "xlm-roberta"):
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
                                        unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
     else:
@@ -220,7 +249,8 @@ def _auto_class(arch: str, task: str):
                "token-classification": tf.AutoModelForTokenClassification,
                "question-answering": tf.AutoModelForQuestionAnswering, "fill-mask": tf.AutoModelForMaskedLM,
                "image-classification": tf.AutoModelForImageClassification,
-               "text-generation": tf.AutoModelForCausalLM, "text-generation-with-past": tf.AutoModelForCausalLM}
+               "text-generation": tf.AutoModelForCausalLM, "text-generation-with-past": tf.AutoModelForCausalLM,
+               "multiple-choice": tf.AutoModelForMultipleChoice}
     if task not in by_task:
         raise SystemExit(f"unknown task {task!r}; expected one of {', '.join(by_task)}")
     return by_task[task]
@@ -231,12 +261,12 @@ def build_model(arch: str, task: str, d: Path, seed: int = 0) -> Path:
     import torch
 
     d.mkdir(parents=True, exist_ok=True)
-    if arch == "vit":
+    if arch in IMAGE_ARCHS:
         from transformers import ViTImageProcessor
 
         ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
         vocab = 0
-    elif arch in ("bert", "distilbert", "st-bert"):
+    elif arch in ("bert", "distilbert", "st-bert", "electra", "mpnet"):
         vocab = _wordpiece(d)
     else:
         vocab = _bpe(d, arch)

@@ -166,3 +166,74 @@ def _reaches(g: Graph, src: str, dst: str, limit: int = 12) -> bool:
                 nxt.extend(x for x in g.model.graph.node[p].input if x)
         frontier = nxt
     return False
+
+
+# Ops through which a table index keeps counting positions: data movement (input 0 only) and integer arithmetic.
+_INDEX_DATA = {"Reshape", "Expand", "Slice", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Tile", "Transpose"}
+_INDEX_ARITH = {"Cast", "Add", "Sub", "Mul", "Where", "Clip", "Max", "Min", "Neg"}
+
+
+def is_positions_input(name: str) -> bool:
+    """An input the runtime fills with positions 0, 1, ... (generate and verify feed Hugging Face's position_ids)."""
+    return "position" in name.lower()
+
+
+def position_table_rows(g: Graph) -> int | None:
+    """The longest context the learned position tables allow (GPT-2's wpe, BERT's, OPT's offset table), or None.
+
+    A position table is a 2-D table whose Gather indices count positions: walking back from the indices meets a
+    Range (arange), a CumSum (positions counted over a mask), an integer constant 0..n-1 (BERT's position_ids
+    buffer) or a positions input (optimum's GPT-2 takes position_ids, which makes them private). Tables indexed
+    by token ids (the vocabulary, token types) are not. The first position's row (OPT numbers positions from 2)
+    uses up the rows before it."""
+    limits = []
+    for n in g.model.graph.node:
+        if n.op_type != "Gather" or n.input[0] not in g.constants or g.constants[n.input[0]].ndim != 2:
+            continue
+        if any(a.name == "axis" and a.i != 0 for a in n.attribute):
+            continue
+        offset = _position_offset(g, n.input[1])
+        if offset is not None:
+            limits.append(int(g.constants[n.input[0]].shape[0]) - offset)
+    limits = [x for x in limits if x > 0]
+    return min(limits) if limits else None
+
+
+def _position_offset(g: Graph, index: str, depth: int = 24) -> int | None:
+    """If `index` counts positions, the constant added to them on the way (0 if none); else None."""
+    if depth == 0:
+        return None
+    if index in g.input_names:
+        return 0 if is_positions_input(index) and g.dtypes.get(index) in (6, 7) else None
+    c = g.constants.get(index)
+    if c is not None:
+        flat = c.reshape(-1, c.shape[-1]) if c.ndim else None
+        ok = (flat is not None and c.dtype.kind in "iu" and flat.shape[-1] > 1
+              and all((row == row[0] + range(len(row))).all() for row in flat))
+        return int(flat[0, 0]) if ok else None
+    p = g.producer.get(index)
+    if p is None:
+        return None
+    node = g.model.graph.node[p]
+    if node.op_type == "Range":
+        return 0
+    if node.op_type == "CumSum":  # an inclusive running count of a mask of ones: 1, 2, ...
+        return 0 if any(a.name == "exclusive" and a.i for a in node.attribute) else 1
+    if node.op_type in _INDEX_DATA:
+        return _position_offset(g, node.input[0], depth - 1)
+    if node.op_type not in _INDEX_ARITH:
+        return None
+    ins = [x for x in node.input if x]
+    if node.op_type == "Where":
+        ins = ins[1:]
+    found = [(x, _position_offset(g, x, depth - 1)) for x in ins if x not in g.constants]
+    hits = [o for _, o in found if o is not None]
+    if not hits:
+        return None
+    scalars = [int(g.constants[x].reshape(-1)[0]) if x in g.constants and g.constants[x].size == 1
+               and g.constants[x].dtype.kind in "iu" else 0 for x in ins]
+    if node.op_type == "Add":
+        return max(hits) + sum(scalars)
+    if node.op_type == "Sub":
+        return None if found[0][0] != ins[0] or found[0][1] is None else found[0][1] - sum(scalars[1:])
+    return max(hits)

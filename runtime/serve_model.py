@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stip.runtime.axes import cache_past_axis
 from stip.runtime.bundle_format import find_server_dir, model_key_id, pair_cache
 from stip.runtime.errors import StipError
 from stip.runtime.serve_limits import JSON_HEAP_PER_VALUE, Limits, MemoryBudget, MemoryModel
@@ -55,6 +56,11 @@ class Model:
         self.outputs = [tensor_spec(o, where) for o in outs if o.name not in cache_out]
         self.cache_specs = [tensor_spec(i, where) for i in ins if i.name in cache_in]
         self.input_by_name = {t.name: t for t in self.inputs}
+        # the axis the cache grows along, from how the graph's past and present dims differ (the compiler's
+        # "past" role, stip.runtime.axes), never assumed to be HF's axis 2
+        out_dims = {o.name: list(o.shape) for o in outs}
+        in_dims = {i.name: list(i.shape) for i in ins}
+        self.past_axis = next((cache_past_axis(in_dims[p], out_dims[o]) for p, o in self.pairs), None)
         self.output_by_name = {t.name: t for t in self.outputs}
         self.sig = Signature(name, self.inputs, self.outputs, self.limits.max_batch, self.limits.max_seq,
                              max(1, self.limits.max_json_response_bytes // JSON_BYTES_PER_VALUE))
@@ -92,14 +98,16 @@ class Model:
         return next((t.name for t in self.inputs if len(t.shape) >= 2 and t.static(0) is None), None)
 
     def _mask_inputs(self) -> tuple[tuple[str, int] | None, str | None]:
-        """(input, axis) whose dim is the total length (the present cache's sequence symbol), and the input whose
+        """(input, axis) whose dim is the total length (the present cache's past-axis symbol), and the input whose
         dim 1 is the number of new tokens: a step's mask must cover exactly the cached plus the new tokens."""
         if not self.pairs:
             return None, None
         outs = {o.name: o for o in self.session.get_outputs()}
-        present = outs[self.pairs[0][1]].shape
-        total = present[2] if len(present) > 2 and isinstance(present[2], str) else None
-        past = self.cache_specs[0].shape[2] if len(self.cache_specs[0].shape) > 2 else None
+        present, a = outs[self.pairs[0][1]].shape, self.past_axis
+        if a is None:
+            return None, None
+        total = present[a] if len(present) > a and isinstance(present[a], str) else None
+        past = self.cache_specs[0].shape[a] if len(self.cache_specs[0].shape) > a else None
         mask = next(((t.name, a) for t in self.inputs for a, d in enumerate(t.shape) if total and d == total), None)
         src = self.input_by_name.get(self.batch_source) if self.batch_source else None
         new = src.name if src is not None and len(src.shape) >= 2 and isinstance(src.shape[1], str) and \
@@ -108,8 +116,8 @@ class Model:
 
     def new_state(self, batch: int) -> HostCache:
         if self.io_binding:
-            return BoundCache(self.session, self.pairs, batch, self.binding_device)
-        return HostCache(self.session, self.pairs, batch)
+            return BoundCache(self.session, self.pairs, batch, self.binding_device, self.past_axis)
+        return HostCache(self.session, self.pairs, batch, self.past_axis)
 
     def metadata(self) -> dict:
         return {"name": self.name, "versions": [MODEL_VERSION], "platform": "onnxruntime_onnx",
@@ -127,7 +135,8 @@ class Model:
     # ---- memory ----
 
     def cache_bytes(self, batch: int, length: int) -> int:
-        return sum(batch * length * t.dtype.itemsize * math.prod(d for a, d in enumerate(t.dims) if a not in (0, 2))
+        return sum(batch * length * t.dtype.itemsize * math.prod(d for a, d in enumerate(t.dims)
+                                                                   if a not in (0, self.past_axis))
                    for t in self.cache_specs)
 
     def estimate(self, p: Parsed, past: int) -> int:

@@ -53,9 +53,10 @@ def ort_errors(fn, *args):
 class HostCache:
     """The KV cache in host memory as numpy arrays (CachedSession's contract, split into step and commit)."""
 
-    def __init__(self, session, pairs: list[tuple[str, str]], batch: int):
+    def __init__(self, session, pairs: list[tuple[str, str]], batch: int, past_axis: int | None = 2):
         ins = {i.name: i for i in session.get_inputs()}
         self.session = session
+        self.past_axis = past_axis  # the axis the cache grows along, read from the graph (Model.past_axis)
         self.pairs = pairs
         self.outputs = [o.name for o in session.get_outputs()]
         self.cache_outputs = {o: p for p, o in pairs}
@@ -64,7 +65,9 @@ class HostCache:
 
     @property
     def past_length(self) -> int:
-        return next((int(np.shape(v)[2]) for v in self.past.values()), 0)
+        if self.past_axis is None:
+            return 0
+        return next((int(np.shape(v)[self.past_axis]) for v in self.past.values()), 0)
 
     def step(self, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
         values = ort_errors(self.session.run, None, {**{n: feeds[n] for n in self.inputs}, **self.past})
@@ -84,16 +87,18 @@ class BoundCache(HostCache):
     """The same with IO binding: the permuted KV cache stays on the device between steps as OrtValues (CUDA memory
     on a GPU) instead of a round trip through host memory per token."""
 
-    def __init__(self, session, pairs: list[tuple[str, str]], batch: int, device: str):
+    def __init__(self, session, pairs: list[tuple[str, str]], batch: int, device: str, past_axis: int | None = 2):
         import onnxruntime as ort
 
-        super().__init__(session, pairs, batch)
+        super().__init__(session, pairs, batch, past_axis)
         self.device = device
         self.past = {p: ort.OrtValue.ortvalue_from_numpy(v, device, 0) for p, v in self.past.items()}
 
     @property
     def past_length(self) -> int:
-        return next((int(v.shape()[2]) for v in self.past.values()), 0)
+        if self.past_axis is None:
+            return 0
+        return next((int(v.shape()[self.past_axis]) for v in self.past.values()), 0)
 
     def step(self, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
         b = self.session.io_binding()

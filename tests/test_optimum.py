@@ -118,6 +118,22 @@ def test_decoder_axis_roles_and_greedy_generation(bundle, arch):
     assert list(gen.generate(PROMPT, 30)) == generate_plaintext(model, PROMPT, 30)
 
 
+def test_generation_past_the_position_table_is_refused_upfront(bundle):
+    """optimum's GPT-2 takes position_ids as an input, so they are private and reach the 64-row position table
+    through a Gather in pre: the table is still found (its indices are positions), so `stip generate` past it
+    refuses in one line before running, rather than dying inside onnxruntime. The vocabulary table (indexed by
+    token ids) and Llama's rotary positions (no table) set no limit."""
+    model, out = bundle("gpt2", "text-generation-with-past")
+    man = json.loads((out / "client" / "stip.json").read_text())
+    assert "position_ids" in man["private"] and man["max_context"] == 64, man
+    _one_line_error(stip("generate", out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "60",
+                         "--device", "cpu"), "prompt of 5 tokens + 60 new tokens exceeds the model's context of 64")
+    r = stip("generate", out, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "59", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    _, llama = bundle("llama", "text-generation-with-past")
+    assert json.loads((llama / "client" / "stip.json").read_text())["max_context"] is None
+
+
 def test_vit_image_size_comes_from_the_graph(bundle):
     """pixel_values is [batch_size, num_channels, height, width], all symbolic; the patch Conv and the position
     table fix 3 x 32 x 32 (patch 8: 16 patches + 1 class token = 17 table rows)."""
@@ -164,6 +180,62 @@ def test_over_http_with_stip_serve(bundle):
         feeds = random_feeds(model, batch=2, seq=9)
         got = RemoteClient(out / "client", url).run(feeds)
         assert_equivalent(run_model(model, feeds), got)
+
+
+def _cache_sequence_major(src, dst) -> None:
+    """The same decoder with its KV cache laid out [batch, past, heads, head_dim]: a Transpose after each cache
+    input and before each present output, so the cache grows along axis 1, not Hugging Face's axis 2."""
+    m = onnx.load(str(src))
+    g, front = m.graph, []
+
+    def rename(old: str, new: str) -> None:
+        for n in g.node:
+            for field in (n.input, n.output):
+                for k, x in enumerate(field):
+                    if x == old:
+                        field[k] = new
+
+    def swap(vi) -> None:
+        d = vi.type.tensor_type.shape.dim
+        one, two = onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension()
+        one.CopyFrom(d[1])
+        two.CopyFrom(d[2])
+        d[1].CopyFrom(two)
+        d[2].CopyFrom(one)
+
+    for vi in g.input:
+        if vi.name.startswith("past_key_values"):
+            rename(vi.name, vi.name + "_bhsd")
+            front.append(onnx.helper.make_node("Transpose", [vi.name], [vi.name + "_bhsd"], perm=[0, 2, 1, 3]))
+            swap(vi)
+    for vi in g.output:
+        if vi.name.startswith("present"):
+            rename(vi.name, vi.name + "_bhsd")
+            g.node.append(onnx.helper.make_node("Transpose", [vi.name + "_bhsd"], [vi.name], perm=[0, 2, 1, 3]))
+            swap(vi)
+    for n in reversed(front):
+        g.node.insert(0, n)
+    onnx.save(m, str(dst))
+
+
+def test_serve_reads_the_cache_axis_from_the_graph(bundle, tmp_path):
+    """A cache that grows along axis 1: stip serve takes the past axis from how the graph's past and present dims
+    differ (the role the compiler writes into the manifest), so the sequence's length, the mask check and the
+    cache's memory are right; with axis 2 assumed it read the head count (2) as the cached length."""
+    from stip.runtime.serve_model import Model
+
+    src, _ = bundle("llama", "text-generation-with-past")
+    model = tmp_path / "bshd.onnx"
+    _cache_sequence_major(src, model)
+    compile_model(model, tmp_path / "out")
+    axes = json.loads((tmp_path / "out" / "client" / "stip.json").read_text())["axes"]
+    assert axes["past_key_values.0.key"] == ["batch", "past", 2, 8]
+    served = Model("m", tmp_path / "out" / "server", device="cpu")
+    assert served.past_axis == 1 and served.mask_input == ("attention_mask", 1)
+    assert served.cache_bytes(1, 10) == 4 * 10 * 2 * 8 * 4  # 4 caches of [1, 10, 2, 8] float32
+    with stip_server(tmp_path / "out" / "server") as url:
+        gen = StipGenerator(tmp_path / "out" / "client", server=RemoteServer(url))
+        assert list(gen.generate(PROMPT, 12)) == generate_plaintext(model, PROMPT, 12)
 
 
 def _one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
