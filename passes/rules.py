@@ -130,6 +130,27 @@ def expand(ctx: RuleContext) -> None:
     ctx.fix_input(1, "Expand shape")
 
 
+@rule("Tile")
+def tile(ctx: RuleContext) -> None:
+    """An axis repeated once passes through; a size-1 axis tiled is broadcast (its values repeat, so any order of
+    the output axis is the same tensor). An axis holding n > 1 values tiled r > 1 times lays out r copies in a
+    row: no single permutation of the output is one of the input, so both stay in plaintext order (positional,
+    like GPT-J's rotary sin/cos table); so does every axis when the repeats are not known at compile time."""
+    ctx.fix_input(1, "Tile repeats")
+    ins = ctx.shape_in(0)
+    reps = ctx.const(1)
+    reps = ctx.sym(1) if reps is None else reps  # some entries may be symbolic (a sequence length): unknown
+    for a, d in enumerate(ins):
+        r = None if reps is None or np.ndim(reps) != 1 or a >= len(reps) else reps[a]
+        r = int(r) if isinstance(r, (int, np.integer)) else None
+        if r == 1:
+            ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, a))
+        elif d != 1:
+            why = "Tile repeats this axis" if r is not None else "Tile with repeats unknown at compile time"
+            ctx.fix(ctx.ax_in(0, a), why)
+            ctx.fix(ctx.ax_out(0, a), why)
+
+
 @rule("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", MS + "SkipLayerNormalization",
       MS + "SkipSimplifiedLayerNormalization")
 def layer_norm(ctx: RuleContext) -> None:

@@ -431,3 +431,26 @@ def test_resize_to_a_runtime_size_keeps_channels_permuted(tmp_path, dynamo):
     g, sol, part, bundle = exact(path, px)
     rs = next(n for n in g.model.graph.node if n.op_type == "Resize")
     assert permuted(sol, g, rs.output[0], 1) and not sol.post_tail
+
+
+class Tiled(torch.nn.Module):
+    """`.repeat` exports as Tile: a pooled [B, 1, D] summary tiled over the sequence (a size-1 axis: broadcast),
+    then the whole sequence tiled twice (the sequence axis is positional; the features pass through)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.emb, self.lin, self.out = torch.nn.Embedding(32, d), torch.nn.Linear(d, d), torch.nn.Linear(d, 5)
+
+    def forward(self, ids):
+        h = self.lin(self.emb(ids))
+        pooled = h.mean(1, keepdim=True).repeat(1, ids.shape[1], 1)
+        return self.out(torch.relu(h + pooled).repeat(1, 2, 1))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_tile_keeps_features_permuted(tmp_path, dynamo):
+    path = export(Tiled(), tmp_path / "m.onnx", dynamo, {"ids": torch.tensor(IDS["ids"])}, ["y"],
+                  {"ids": {0: "B", 1: "S"}})
+    g, sol, part, bundle = exact(path, IDS)
+    tiles = [n for n in g.model.graph.node if n.op_type == "Tile"]
+    assert tiles and all(permuted(sol, g, n.output[0], 2) for n in tiles)

@@ -67,6 +67,7 @@ CASES.update({
     "Clip": Case([X, np.float32(-1), np.float32(1)], [(2, 3, 4)]),
     MS + "BiasAdd": Case([X, w(4), act(2, 3, 4)], [(2, 3, 4)]),
     "Expand": Case([act(3, 1, 4), iconst([3, 2, 4])], [(3, 2, 4)]),
+    "Tile": Case([act(3, 1, 4), iconst([1, 5, 2])], [(3, 5, 8)]),
     "LayerNormalization": Case([X, w(4), w(4)], [(2, 3, 4), (2, 3, 1), (2, 3, 1)]),
     "SimplifiedLayerNormalization": Case([X, w(4)], [(2, 3, 4), (2, 3, 1)]),
     "RMSNormalization": Case([X, w(4)], [(2, 3, 4)]),
@@ -134,6 +135,7 @@ VARIANTS: list[tuple[str, Case]] = [
     (MS + "RotaryEmbedding", Case([act(2, 2, 5, 8), ids(2, 5), w(16, 2), w(16, 2)], [(2, 2, 5, 8)],
                                   {"interleaved": 1, "rotary_embedding_dim": 4})),
     (MS + "EmbedLayerNormalization", Case([ids(2, 5), None, w(10, 8), w(16, 8), None, w(8), w(8)], [(2, 5, 8)])),
+    ("Tile", Case([act(3, 2, 4), ids(3)], [(3, 4, 8)])),  # repeats unknown: every axis pinned
 ]
 
 DTYPES = {"f": TensorProto.FLOAT, "i": TensorProto.INT64, "b": TensorProto.BOOL}
