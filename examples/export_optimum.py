@@ -34,7 +34,8 @@ CASES = [("bert", "feature-extraction"), ("bert", "text-classification"), ("bert
          ("bert", "question-answering"), ("distilbert", "fill-mask"), ("roberta", "text-classification"),
          ("vit", "image-classification"), ("gpt2", "text-generation-with-past"),
          ("llama", "text-generation-with-past"), ("qwen2", "text-generation-with-past"),
-         ("st-bert", "feature-extraction")]
+         ("st-bert", "feature-extraction"), ("electra", "token-classification"), ("bert", "multiple-choice"),
+         ("beit", "image-classification"), ("opt", "text-generation-with-past")]
 ARCHS = ["bert", "distilbert", "roberta", "vit", "gpt2", "llama", "qwen2", "st-bert", "xlm-roberta", "mpnet",
          "deberta-v2", "albert", "electra", "deit", "beit", "swin", "mistral", "phi3", "gemma", "falcon", "opt",
          "gpt-neox"]

@@ -170,7 +170,7 @@ def _reaches(g: Graph, src: str, dst: str, limit: int = 12) -> bool:
 
 # Ops through which a table index keeps counting positions: data movement (input 0 only) and integer arithmetic.
 _INDEX_DATA = {"Reshape", "Expand", "Slice", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Tile", "Transpose"}
-_INDEX_ARITH = {"Cast", "Add", "Sub", "Mul", "Where", "Clip", "Max", "Min", "Neg"}
+_INDEX_ARITH = {"Cast", "Add", "Sub", "Mul", "Where", "Neg"}  # not Clip/Min/Max: clamped indices stay in the table
 
 
 def is_positions_input(name: str) -> bool:

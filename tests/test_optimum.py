@@ -32,7 +32,8 @@ CASES = [("bert", "feature-extraction"), ("bert", "text-classification"), ("bert
          ("bert", "question-answering"), ("distilbert", "fill-mask"), ("roberta", "text-classification"),
          ("vit", "image-classification"), ("gpt2", "text-generation-with-past"),
          ("llama", "text-generation-with-past"), ("qwen2", "text-generation-with-past"),
-         ("st-bert", "feature-extraction")]
+         ("st-bert", "feature-extraction"), ("electra", "token-classification"), ("bert", "multiple-choice"),
+         ("beit", "image-classification"), ("opt", "text-generation-with-past")]
 
 
 def stip(*args) -> subprocess.CompletedProcess:
@@ -132,6 +133,8 @@ def test_generation_past_the_position_table_is_refused_upfront(bundle):
     assert r.returncode == 0, r.stderr
     _, llama = bundle("llama", "text-generation-with-past")
     assert json.loads((llama / "client" / "stip.json").read_text())["max_context"] is None
+    _, opt = bundle("opt", "text-generation-with-past")  # 66 rows; positions counted by CumSum start at row 2
+    assert json.loads((opt / "client" / "stip.json").read_text())["max_context"] == 64
 
 
 def test_vit_image_size_comes_from_the_graph(bundle):
