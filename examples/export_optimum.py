@@ -35,11 +35,11 @@ CASES = [("bert", "feature-extraction"), ("bert", "text-classification"), ("bert
          ("vit", "image-classification"), ("gpt2", "text-generation-with-past"),
          ("llama", "text-generation-with-past"), ("qwen2", "text-generation-with-past"),
          ("st-bert", "feature-extraction"), ("electra", "token-classification"), ("bert", "multiple-choice"),
-         ("beit", "image-classification"), ("opt", "text-generation-with-past")]
+         ("beit", "image-classification"), ("deit", "image-classification"), ("opt", "text-generation-with-past")]
 ARCHS = ["bert", "distilbert", "roberta", "vit", "gpt2", "llama", "qwen2", "st-bert", "xlm-roberta", "mpnet",
          "deberta-v2", "albert", "electra", "deit", "beit", "swin", "mistral", "phi3", "gemma", "falcon", "opt",
-         "gpt-neox"]
-IMAGE_ARCHS = ("vit", "deit", "beit", "swin")
+         "gpt-neox", "gptj", "bloom", "gpt-bigcode", "codegen", "roformer", "mobilebert", "dinov2"]
+IMAGE_ARCHS = ("vit", "deit", "beit", "swin", "dinov2")
 STAMP = "stip-requirements.txt"
 
 
@@ -189,7 +189,7 @@ def _config(arch: str, vocab: int):
               "deberta-v2": lambda: tf.DebertaV2Config(**enc),
               "albert": lambda: tf.AlbertConfig(embedding_size=16, **enc),
               "electra": lambda: tf.ElectraConfig(embedding_size=16, **enc),
-              "deit": lambda: tf.DeiTConfig(**img, **SMALL),
+              "deit": lambda: tf.DeiTConfig(architectures=["DeiTForImageClassification"], **img, **SMALL),
               "beit": lambda: tf.BeitConfig(**img, **SMALL),
               "swin": lambda: tf.SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1],
                                             num_heads=[2, 4], window_size=4, num_labels=5),
@@ -202,7 +202,19 @@ def _config(arch: str, vocab: int):
               "opt": lambda: tf.OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                           num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
                                           bos_token_id=0, eos_token_id=0, pad_token_id=1),
-              "gpt-neox": lambda: tf.GPTNeoXConfig(**dec, **SMALL)}
+              "gpt-neox": lambda: tf.GPTNeoXConfig(**dec, **SMALL),
+              "gptj": lambda: tf.GPTJConfig(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                            rotary_dim=4, bos_token_id=0, eos_token_id=0),
+              "bloom": lambda: tf.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2, n_head=4,
+                                              bos_token_id=0, eos_token_id=0),
+              "gpt-bigcode": lambda: tf.GPTBigCodeConfig(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2,
+                                                         n_head=4, bos_token_id=0, eos_token_id=0),
+              "codegen": lambda: tf.CodeGenConfig(vocab_size=vocab, n_positions=64, n_ctx=64, n_embd=32, n_layer=2,
+                                                  n_head=4, rotary_dim=4, bos_token_id=0, eos_token_id=0),
+              "roformer": lambda: tf.RoFormerConfig(**enc),
+              "mobilebert": lambda: tf.MobileBertConfig(embedding_size=16, intra_bottleneck_size=16,
+                                                        true_hidden_size=16, **enc),
+              "dinov2": lambda: tf.Dinov2Config(**img, **SMALL)}
     if arch in simple:
         return simple[arch]()
     raise ValueError(arch)
@@ -267,7 +279,7 @@ def build_model(arch: str, task: str, d: Path, seed: int = 0) -> Path:
 
         ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
         vocab = 0
-    elif arch in ("bert", "distilbert", "st-bert", "electra", "mpnet"):
+    elif arch in ("bert", "distilbert", "st-bert", "electra", "mpnet", "roformer", "mobilebert"):
         vocab = _wordpiece(d)
     else:
         vocab = _bpe(d, arch)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx
 
 from stip.passes.graph import Graph
@@ -154,7 +155,8 @@ def _table_rows(g: Graph, n: onnx.NodeProto) -> int | None:
 
 
 def _reaches(g: Graph, src: str, dst: str, limit: int = 12) -> bool:
-    """Whether `dst` is computed from `src` within a few nodes (the patch branch of the Concat)."""
+    """Whether `dst`'s values are computed from `src` within a few nodes (the patch branch of the Concat; DeiT's
+    class and distillation tokens are expanded to the batch read from the patches' Shape, which does not count)."""
     frontier = [dst]
     for _ in range(limit):
         if src in frontier:
@@ -162,7 +164,7 @@ def _reaches(g: Graph, src: str, dst: str, limit: int = 12) -> bool:
         nxt = []
         for t in frontier:
             p = g.producer.get(t)
-            if p is not None:
+            if p is not None and g.model.graph.node[p].op_type not in ("Shape", "Size"):  # sizes are not values
                 nxt.extend(x for x in g.model.graph.node[p].input if x)
         frontier = nxt
     return False
@@ -197,6 +199,17 @@ def position_table_rows(g: Graph) -> int | None:
             limits.append(int(g.constants[n.input[0]].shape[0]) - offset)
     limits = [x for x in limits if x > 0]
     return min(limits) if limits else None
+
+
+def sinusoid_position_table(g: Graph, n: onnx.NodeProto) -> bool:
+    """A Gather into a fixed sin/cos table by positions (RoFormer's, CodeGen's rotary tables): position 0's row
+    is sin 0 = 0 and cos 0 = 1, every value lies in [-1, 1]. Its feature order may stay plain: it holds no
+    learned weight, only what the config determines."""
+    t = g.constants.get(n.input[0])
+    if t is None or t.ndim != 2 or t.dtype.kind != "f" or _position_offset(g, n.input[1]) is None:
+        return False
+    row0 = t[0].astype(np.float64)
+    return bool(np.all(np.isclose(row0, 0) | np.isclose(row0, 1)) and np.all(np.abs(t) <= 1 + 1e-6))
 
 
 def _position_offset(g: Graph, index: str, depth: int = 24) -> int | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stip.passes.axes import sinusoid_position_table
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph
 from stip.passes.rules import contract
@@ -355,6 +356,8 @@ class Solver:
                         continue
                     seen.add(c)
                     why = self.spaces.info(c).fixed or "not permutable"
+                    if n.op_type == "Gather" and j == 0 and sinusoid_position_table(g, n):
+                        continue  # sines and cosines of positions: computable from the config, nothing to hide
                     if why == COLUMNS and not self._contracted(c):  # a QA head's start|end: named outputs
                         continue
                     out.append(Blocker(n.name or n.output[0], n.op_type,

@@ -33,7 +33,7 @@ CASES = [("bert", "feature-extraction"), ("bert", "text-classification"), ("bert
          ("vit", "image-classification"), ("gpt2", "text-generation-with-past"),
          ("llama", "text-generation-with-past"), ("qwen2", "text-generation-with-past"),
          ("st-bert", "feature-extraction"), ("electra", "token-classification"), ("bert", "multiple-choice"),
-         ("beit", "image-classification"), ("opt", "text-generation-with-past")]
+         ("beit", "image-classification"), ("deit", "image-classification"), ("opt", "text-generation-with-past")]
 
 
 def stip(*args) -> subprocess.CompletedProcess:
@@ -137,6 +137,19 @@ def test_generation_past_the_position_table_is_refused_upfront(bundle):
     assert json.loads((opt / "client" / "stip.json").read_text())["max_context"] == 64
 
 
+def test_fixed_sin_cos_table_may_stay_in_plain_order(optimum_model, tmp_path):
+    """CodeGen gathers rotary sines and cosines from a fixed buffer by position_ids; the rotary pairs pin its
+    feature axis. It holds no learned weight, so that is allowed. position_ids are an input, hence private by
+    default, and the rotated heads then mix them in on the server: refused naming the fix, exact with it."""
+    model = optimum_model("codegen", "text-generation-with-past")
+    with pytest.raises(StipError, match="reads private data .* mark the input --public"):
+        compile_model(model, tmp_path / "refused")
+    compile_model(model, tmp_path / "out", public=["position_ids"])
+    for past, seq in ((0, 5), (6, 3)):
+        checks = verify(tmp_path / "out", model, batch=2, seq=seq, past=past, device="cpu")
+        assert checks and all(c.ok for c in checks), checks
+
+
 def test_vit_image_size_comes_from_the_graph(bundle):
     """pixel_values is [batch_size, num_channels, height, width], all symbolic; the patch Conv and the position
     table fix 3 x 32 x 32 (patch 8: 16 patches + 1 class token = 17 table rows)."""
@@ -147,6 +160,9 @@ def test_vit_image_size_comes_from_the_graph(bundle):
     assert axes["pixel_values"] == ["batch", 3, 32, 32]
     feeds = random_feeds(model, batch=2, axes=axes)
     assert feeds["pixel_values"].shape == (2, 3, 32, 32)
+    # DeiT: class and distillation tokens in front (18 rows); their batch is read from the patches' Shape
+    _, deit = bundle("deit", "image-classification")
+    assert json.loads((deit / "client" / "stip.json").read_text())["axes"]["pixel_values"] == ["batch", 3, 32, 32]
 
 
 def test_dim_names_do_not_decide_roles(bundle, tmp_path):
