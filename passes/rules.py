@@ -151,6 +151,65 @@ def tile(ctx: RuleContext) -> None:
             ctx.fix(ctx.ax_out(0, a), why)
 
 
+def _folded(ctx: RuleContext, j: int, limit: int = 16) -> np.ndarray | None:
+    """Input j's value when it is computed from constants only (TorchScript builds Pad's pads with Concat,
+    Reshape, Slice, Transpose, Cast), evaluated here with ONNX's reference runtime; None otherwise."""
+    value = ctx.const(j)
+    if value is not None or not ctx.has_input(j):
+        return value
+    g = ctx.s.g
+    nodes: list[int] = []
+    stack = [ctx.node.input[j]]
+    while stack:
+        t = stack.pop()
+        if not t or t in g.constants:
+            continue
+        p = g.producer.get(t)
+        if p is None or len(nodes) >= limit:
+            return None
+        if p not in nodes:
+            nodes.append(p)
+            stack.extend(g.model.graph.node[p].input)
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    order = sorted(nodes)
+    used = {x for i in order for x in g.model.graph.node[i].input if x in g.constants}
+    graph = helper.make_graph([g.model.graph.node[i] for i in order], "fold", [],
+                              [helper.make_value_info(ctx.node.input[j], onnx.TypeProto())],
+                              [numpy_helper.from_array(np.asarray(g.constants[x]), x) for x in used])
+    try:
+        model = helper.make_model(graph, opset_imports=g.model.opset_import)
+        return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+    except Exception:  # noqa: BLE001 - an op the reference runtime lacks: the pads stay unknown (axes pinned)
+        return None
+
+
+@rule("Pad")
+def pad(ctx: RuleContext) -> None:
+    """An axis padded by nothing passes through (any mode or fill value only touches padded axes); a padded axis
+    gains positions at its ends, so it stays in plaintext order (MobileBERT's shifted trigram embeddings pad the
+    sequence); every axis does when the pads are not known at compile time."""
+    for j in range(1, len(ctx.node.input)):
+        ctx.fix_input(j, "Pad pads/value/axes")
+    rank = len(ctx.shape_in(0))
+    pads, axes = _folded(ctx, 1), _folded(ctx, 3) if ctx.has_input(3) else None
+    if pads is None and ctx.node.input[0] and ctx.attr("pads") is not None:  # opset < 11: an attribute
+        pads = np.asarray(ctx.attr("pads"))
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in np.ravel(axes)]
+    padded: set[int] | None = None
+    if pads is not None and np.ndim(pads) == 1 and len(pads) == 2 * len(axes):
+        padded = {a for i, a in enumerate(axes) if int(pads[i]) != 0 or int(pads[i + len(axes)]) != 0}
+    for a in range(rank):
+        if padded is not None and a not in padded:
+            ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, a))
+        else:
+            why = "Pad adds positions on this axis" if padded is not None else "Pad with pads unknown at compile time"
+            ctx.fix(ctx.ax_in(0, a), why)
+            ctx.fix(ctx.ax_out(0, a), why)
+
+
 @rule("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", MS + "SkipLayerNormalization",
       MS + "SkipSimplifiedLayerNormalization")
 def layer_norm(ctx: RuleContext) -> None:

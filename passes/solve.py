@@ -35,6 +35,9 @@ class Blocker:
         return f"{self.op} node '{self.node}': {self.reason}"
 
 
+_INT_TYPES = {2, 3, 4, 5, 6, 7, 9, 12, 13}  # TensorProto integer and bool types
+
+
 class RuleContext:
     """What a rule sees of one node: shapes, constant values, attributes, and the axis classes to relate."""
 
@@ -184,6 +187,7 @@ class Solver:
         self.g = g
         self.spaces = Spaces()
         self.skip = skip  # nodes that run in post on plaintext: no rule, their outputs are never permuted
+        self._static: set[str] = set()  # integer tensors computed from constants only
         self.sym_values = symbolic_values(g) if values is None else values[0]
         self.values = {k: v.astype(np.int64) for k, v in self.sym_values.items()
                        if all(isinstance(x, int) for x in v.reshape(-1))} if values is None else values[1]
@@ -238,6 +242,12 @@ class Solver:
                         for a in range(len(self.shape(o))):
                             ctx.fix(ctx.ax_out(k, a), "computed in plaintext on the client (post)")
                 return None
+            if self._static_integers(node):  # pads or shapes folded from constants: plain numbers, no features
+                for k, o in enumerate(node.output):
+                    if o:
+                        for a in range(len(self.shape(o))):
+                            ctx.fix(ctx.ax_out(k, a), "integers computed from constants")
+                return None
             contract(node).rule(ctx)
         except _NoShape as e:
             try:
@@ -250,6 +260,19 @@ class Solver:
         except SpaceConflict as e:
             return Blocker(label, node.op_type, str(e))
         return None
+
+    def _static_integers(self, node) -> bool:
+        """Integer outputs computed from constants only (TorchScript's Pad pads: Concat, Reshape, Slice,
+        Transpose): their axes are positions in a small vector, so no structure is recorded for them (a
+        Concat 4 | 2 reshaped 3 x 2 would otherwise conflict)."""
+        g = self.g
+        outs = [o for o in node.output if o]
+        if not outs or any(g.dtypes.get(o) not in _INT_TYPES for o in outs):
+            return False
+        if not all(not x or x in g.constants or x in self._static for x in node.input):
+            return False
+        self._static.update(outs)
+        return True
 
     def _propagate_links(self) -> None:
         """A pinned structured axis pins its parts, and one whose parts are all pinned (or of size 1) is pinned."""

@@ -454,3 +454,27 @@ def test_tile_keeps_features_permuted(tmp_path, dynamo):
     g, sol, part, bundle = exact(path, IDS)
     tiles = [n for n in g.model.graph.node if n.op_type == "Tile"]
     assert tiles and all(permuted(sol, g, n.output[0], 2) for n in tiles)
+
+
+class Trigram(torch.nn.Module):
+    """MobileBERT's trigram input: each token's embedding beside its neighbours', shifted in with F.pad along
+    the sequence (TorchScript computes the pads with Concat/Reshape/Slice/Transpose/Cast from constants)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.emb, self.lin, self.out = torch.nn.Embedding(32, d), torch.nn.Linear(3 * d, 16), torch.nn.Linear(16, 5)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        nxt = torch.nn.functional.pad(e[:, 1:], [0, 0, 0, 1])
+        prev = torch.nn.functional.pad(e[:, :-1], [0, 0, 1, 0])
+        return self.out(torch.relu(self.lin(torch.cat([nxt, e, prev], dim=2))))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_pad_along_the_sequence_keeps_features_permuted(tmp_path, dynamo):
+    path = export(Trigram(), tmp_path / "m.onnx", dynamo, {"ids": torch.tensor(IDS["ids"])}, ["y"],
+                  {"ids": {0: "B", 1: "S"}})
+    g, sol, part, bundle = exact(path, IDS)
+    pads = [n for n in g.model.graph.node if n.op_type == "Pad"]
+    assert pads and all(permuted(sol, g, n.output[0], 2) for n in pads)

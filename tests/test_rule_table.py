@@ -68,6 +68,7 @@ CASES.update({
     MS + "BiasAdd": Case([X, w(4), act(2, 3, 4)], [(2, 3, 4)]),
     "Expand": Case([act(3, 1, 4), iconst([3, 2, 4])], [(3, 2, 4)]),
     "Tile": Case([act(3, 1, 4), iconst([1, 5, 2])], [(3, 5, 8)]),
+    "Pad": Case([X, iconst([0, 1, 0, 0, 0, 0]), np.float32(0)], [(2, 4, 4)]),
     "LayerNormalization": Case([X, w(4), w(4)], [(2, 3, 4), (2, 3, 1), (2, 3, 1)]),
     "SimplifiedLayerNormalization": Case([X, w(4)], [(2, 3, 4), (2, 3, 1)]),
     "RMSNormalization": Case([X, w(4)], [(2, 3, 4)]),
@@ -136,6 +137,7 @@ VARIANTS: list[tuple[str, Case]] = [
                                   {"interleaved": 1, "rotary_embedding_dim": 4})),
     (MS + "EmbedLayerNormalization", Case([ids(2, 5), None, w(10, 8), w(16, 8), None, w(8), w(8)], [(2, 5, 8)])),
     ("Tile", Case([act(3, 2, 4), ids(3)], [(3, 4, 8)])),  # repeats unknown: every axis pinned
+    ("Pad", Case([X, iconst([1, 0]), None, iconst([1, 2])], [(2, 4, 4)], {"mode": "edge"})),  # opset 18 axes
 ]
 
 DTYPES = {"f": TensorProto.FLOAT, "i": TensorProto.INT64, "b": TensorProto.BOOL}
