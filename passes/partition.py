@@ -215,7 +215,9 @@ def partition(g: Graph, sol: Solution, private: list[str], head: str = "server")
         if sol.post_tail & eligible:
             n = min(sol.post_tail & eligible)
             raise StipError(f"{g.path}: {g.node_label(n)} runs after the last weight but also reads private data "
-                            "before any weight; the compiler cannot place it")
+                            "before any weight (e.g. GPT-2 sequence classification picks each row's last non-pad "
+                            "token from the token ids); the compiler cannot place it: export without that step (task "
+                            "feature-extraction or text-generation) and apply it to the outputs on the client")
         post_nodes |= sol.post_tail
         for i in sorted(sol.post_tail):
             for x in nodes[i].input:
