@@ -37,7 +37,7 @@ def describe_spaces(g: Graph, sol: Solution) -> list[dict]:
             if c in sol.permuted:
                 uses[c] += 1
     rows = []
-    for c, name in sorted(sol.permuted.items(), key=lambda kv: _order(kv[1])):
+    for c, name in sorted(sol.permuted.items(), key=lambda kv: space_order(kv[1])):
         link = sol.link(c)
         if link and sol.spaces.kind_of(c) == "cat":
             parts = [f"{sol.spaces.info(x).size}" + ("" if x in sol.permuted else " (fixed)") for x in link]
@@ -70,7 +70,8 @@ def _log10_choices(sol: Solution, c: int) -> float:
     return n
 
 
-def _order(name: str) -> tuple:
+def space_order(name: str) -> tuple:
+    """Report order of spaces: hidden first, then by layer, then the rest."""
     head = name.split(".")[0]
     if head == "hidden":
         return (0, 0, name)

@@ -9,6 +9,7 @@ import numpy as np
 
 from stip.compiler.audit.match import assign, nearest, sorted_slices, sq_dist, verdict
 from stip.compiler.audit.view import Reference, View
+from stip.compiler.report import space_order
 from stip.passes.solve import use_key
 
 FULL_MATCH_LIMIT = 8192  # larger spaces (vocabularies) use nearest neighbours instead of a bijection
@@ -92,7 +93,7 @@ def components(ref: Reference, name: str, guess: np.ndarray, truth: np.ndarray) 
 def run(view: View, ref: Reference, tick: Callable[[], None] | None = None) -> dict:
     uses = collect(view, ref)
     rows, hits_all, total, expected = [], 0, 0, 0.0
-    for name in sorted(uses, key=_order):
+    for name in sorted(uses, key=space_order):
         truth = view.key[name]
         n = truth.size
         guess = recover(uses[name], n)
@@ -115,12 +116,3 @@ def run(view: View, ref: Reference, tick: Callable[[], None] | None = None) -> d
         "spaces": rows,
         "verdict": verdict(hits_all, total, expected),
     }
-
-
-def _order(name: str) -> tuple:
-    head = name.split(".")[0]
-    if head == "hidden":
-        return (0, 0, name)
-    if head.startswith("layer") and head[5:].isdigit():
-        return (1, int(head[5:]), name)
-    return (2, 0, name)
