@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 import zlib
@@ -163,7 +164,8 @@ class ParserProcess:
         with self.lock:
             if self.pool is None:
                 self.pool = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_exit_with_parent, initargs=(os.getpid(),))
             return self.pool
 
     def start(self) -> None:
@@ -185,6 +187,18 @@ class ParserProcess:
             if self.pool is not None:
                 self.pool.shutdown(wait=False, cancel_futures=True)
                 self.pool = None
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Runs in the parser child: a server killed with SIGKILL cannot shut its pool down, so the child watches for
+    its parent to go and exits then, instead of living on as an orphan (with multiprocessing's resource tracker)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="stip-parent-watch", daemon=True).start()
 
 
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:

@@ -371,3 +371,17 @@ def test_connection_cap_per_client_address(bundles, tmp_path):
                 s.close()
     finally:
         srv.stop()
+
+
+def test_killed_server_leaves_no_process_behind(bundles, tmp_path):
+    """SIGKILL gives the server no chance to shut its JSON parser pool down: the parser child (and multiprocessing's
+    resource tracker) must notice and exit rather than live on as orphans."""
+    srv = ServerProcess([str(bundles["bert"]), "--device", "cpu"], tmp_path / "killed.log")
+    try:
+        children = psutil.Process(srv.proc.pid).children(recursive=True)
+        assert children, "the server starts its request-parser child at startup"
+    finally:
+        srv.proc.kill()
+        srv.proc.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.cmdline()[-3:] for p in alive]
