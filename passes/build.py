@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +72,9 @@ class _ConstantFolder:
     """Gives each constant use its permuted copy, sharing copies between uses that need the same permutation.
 
     With `remaining` (use counts), a constant's numpy array is dropped after its last use, so the original
-    weights and the bundle's permuted weights are never both fully in memory.
+    weights and the bundle's permuted weights are never both fully in memory. Large constants fold on
+    FOLD_THREADS threads (numpy releases the GIL while gathering) with at most that many folded copies alive;
+    the sink still receives every tensor in use order, from this thread, so files and graphs are as if serial.
     """
 
     def __init__(self, g: Graph, sol: Solution, perms: Permutations, graph: onnx.GraphProto,
@@ -82,6 +86,8 @@ class _ConstantFolder:
         self.made: dict[tuple, str] = {}
         self.progress = progress
         self.remaining = remaining
+        self._pending: deque[tuple[Future | np.ndarray, str, int | None]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
 
     def _axis_key(self, c: int | None, size) -> object:
         """What a folded axis looks like: its permutation's bytes (None for the identity), so that two uses whose
@@ -104,8 +110,7 @@ class _ConstantFolder:
             heads = {self.sol.dependent[c] for c, k in zip(classes, keys) if k is not None and c in self.sol.dependent}
             fold_classes = [c if k is not None or c in heads else None for c, k in zip(classes, keys)]
             new = f"{name}.p{len(self.made)}" if permuted else name
-            self.sink(self.graph, fold(value, fold_classes, self.perms) if permuted else value, new,
-                      self.g.dtypes.get(name))
+            self._emit(value, fold_classes if permuted else None, new, self.g.dtypes.get(name))
             self.made[sig] = new
         if self.remaining is not None:
             self.remaining[name] -= 1
@@ -115,18 +120,62 @@ class _ConstantFolder:
             self.progress()
         return self.made[sig]
 
+    def _emit(self, value: np.ndarray, classes: list[int | None] | None, name: str, data_type: int | None) -> None:
+        if classes is not None:
+            for c in classes:  # compose linked vectors here: the worker threads only read them
+                if c is not None and c not in self.sol.dependent:
+                    self.perms.vector(c)
+        if classes is None or value.nbytes < ASYNC_FOLD_BYTES:
+            result = value if classes is None else fold(value, classes, self.perms)
+            if self._pending:
+                self._pending.append((result, name, data_type))
+            else:
+                self.sink(self.graph, result, name, data_type)
+            return
+        while sum(isinstance(f, Future) for f, _, _ in self._pending) >= FOLD_THREADS:
+            self._sink_oldest()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(FOLD_THREADS, thread_name_prefix="stip-fold")
+        self._pending.append((self._pool.submit(fold, value, classes, self.perms), name, data_type))
+
+    def _sink_oldest(self) -> None:
+        job, name, data_type = self._pending.popleft()
+        self.sink(self.graph, job.result() if isinstance(job, Future) else job, name, data_type)
+
+    def flush(self) -> None:
+        """Sink every pending tensor, in order; on error, wait for the threads and drop their results."""
+        try:
+            while self._pending:
+                self._sink_oldest()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+FOLD_THREADS = 2
+ASYNC_FOLD_BYTES = 1 << 20  # smaller constants fold inline: a thread hand-off would cost more than the copy
+
 
 def _subgraph(g, sol, perms, node_ids, inputs, outputs, name, progress=None, remaining=None,
               identity: frozenset[int] = frozenset(), sink: Sink | None = None) -> onnx.ModelProto:
     m = new_model(g, name)
     folder = _ConstantFolder(g, sol, perms, m.graph, progress, remaining, identity, sink)
-    for idx in node_ids:
-        src = g.model.graph.node[idx]
-        n = m.graph.node.add()
-        n.CopyFrom(src)
-        for j, x in enumerate(src.input):
-            if x in g.constants:
-                n.input[j] = folder.name_for(x, idx, j)
+    try:
+        for idx in node_ids:
+            src = g.model.graph.node[idx]
+            n = m.graph.node.add()
+            n.CopyFrom(src)
+            for j, x in enumerate(src.input):
+                if x in g.constants:
+                    n.input[j] = folder.name_for(x, idx, j)
+        folder.flush()
+    finally:
+        folder.close()
     m.graph.input.extend(inputs)
     m.graph.output.extend(outputs)
     return m

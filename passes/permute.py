@@ -80,10 +80,13 @@ def _checked(p, n: int) -> np.ndarray:
 
 
 def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> np.ndarray:
-    """Permute every axis of a constant by its space; per-head inner spaces index jointly with their head axis."""
+    """Permute every axis of a constant by its space; per-head inner spaces index jointly with their head axis.
+
+    All flat axes are gathered in one pass (see _gather), so a weight is read once and written once; numpy
+    releases the GIL there, so callers may fold two tensors on two threads once the vectors are composed."""
     sol = perms.solution
     raw = _raw_words(value)
-    out = raw
+    steps: list[tuple[int, np.ndarray]] = []
     later: list[tuple[int, int]] = []
     for a, c in enumerate(classes):
         if c is None or value.shape[a] == 1:
@@ -91,7 +94,8 @@ def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> n
         if c in sol.dependent:
             later.append((a, c))
             continue
-        out = np.take(out, perms.vector(c), axis=a)
+        steps.append((a, perms.vector(c)))
+    out = _gather(raw, steps) if steps else raw
     for a, c in later:
         head = sol.dependent[c]
         if head not in classes:
@@ -106,6 +110,31 @@ def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> n
         out = np.take_along_axis(out, idx.reshape(shape), axis=a)
     out = np.ascontiguousarray(out)
     return out.view(value.dtype) if raw is not value else out
+
+
+CHUNK_BYTES = 1 << 19  # a block this size stays in cache between the outer gather and the inner ones
+
+
+def _gather(src: np.ndarray, steps: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """out[i, j, ...] = src[p0[i], p1[j], ...] in one pass: blocks of output rows are gathered on axis 0 (or
+    sliced) into a cache-sized block, whose other axes are gathered straight into the output. Each index is a
+    checked permutation, so mode="clip" (which lets numpy write into `out` unbuffered) never clips."""
+    out = np.empty(src.shape, dtype=src.dtype)
+    if out.size == 0:
+        return out
+    idx = dict(steps)
+    first = idx.pop(0, None)
+    rest = sorted(idx.items())
+    rows = max(1, CHUNK_BYTES // max(1, src[0].nbytes if src.ndim > 1 else src.itemsize))
+    for s in range(0, src.shape[0], rows):
+        e = min(s + rows, src.shape[0])
+        if not rest:
+            np.take(src, first[s:e], axis=0, out=out[s:e], mode="clip")
+            continue
+        blk = src[s:e] if first is None else np.take(src, first[s:e], axis=0, mode="clip")
+        for k, (a, p) in enumerate(rest):
+            blk = np.take(blk, p, axis=a, mode="clip", out=out[s:e] if k == len(rest) - 1 else None)
+    return out
 
 
 def _raw_words(value: np.ndarray) -> np.ndarray:
