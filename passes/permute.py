@@ -120,7 +120,8 @@ def _gather(src: np.ndarray, steps: list[tuple[int, np.ndarray]]) -> np.ndarray:
     sliced) into a cache-sized block, whose other axes are gathered straight into the output. Each index is a
     checked permutation, so mode="clip" (which lets numpy write into `out` unbuffered) never clips."""
     out = np.empty(src.shape, dtype=src.dtype)
-    if out.size == 0:
+    if out.size == 0 or not steps:
+        out[...] = src
         return out
     idx = dict(steps)
     first = idx.pop(0, None)

@@ -150,9 +150,11 @@ def external_copy(src: Path, dst_dir: Path) -> Path:
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_streaming_compile_with_shards_runs_verifies_and_leaves_nothing(zoo, tmp_path, monkeypatch, dtype):
     """Thresholds lowered so a tiny Llama takes the large-model path: weights memory-mapped from external data,
-    streamed into 20 kB server shards and an external pre.onnx.data, self-checked, bit-exact."""
+    folded on the two fold threads (larger ones; smaller ones inline, in between), streamed into 20 kB server
+    shards and an external pre.onnx.data, self-checked, bit-exact."""
     from stip.compiler import pipeline
     from stip.compiler.inspect import inspect_bundle
+    from stip.passes import build
     from stip.passes.graph import load_graph
     from stip.runtime.verify import verify
 
@@ -163,6 +165,7 @@ def test_streaming_compile_with_shards_runs_verifies_and_leaves_nothing(zoo, tmp
     consts = load_graph(model).constants
     assert isinstance(consts[max(consts, key=consts.nbytes)], np.memmap)  # read lazily, never loaded whole
     monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 4_000)
+    monkeypatch.setattr(build, "ASYNC_FOLD_BYTES", 2_000)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -198,6 +201,9 @@ def test_streaming_compile_with_shards_runs_verifies_and_leaves_nothing(zoo, tmp
 
 def test_bf16_streamed_bit_exact(zoo, tmp_path, monkeypatch):
     from stip.compiler import pipeline
+    from stip.passes import build
+
+    monkeypatch.setattr(build, "ASYNC_FOLD_BYTES", 0)  # every tensor through the fold threads
 
     model = external_copy(to_bf16(zoo.get("llama-cache"), tmp_path / "bf16.onnx"), tmp_path / "src")
     monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 4_000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from stip.passes import permute
 from stip.passes.permute import Permutations, fold, inverse
 from stip.passes.spaces import SpaceConflict, Spaces
 
@@ -70,6 +71,20 @@ def test_whole_permutation_composes_heads_and_per_head_inner():
     wt = w.reshape(3, 4, 5).transpose(1, 0, 2)
     np.testing.assert_array_equal(fold(wt, [sol.inner, sol.head, None], perms).transpose(1, 0, 2).reshape(12, 5),
                                   flat)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 4), (4, 1), (2, 3, 5), (70, 3, 2), (0, 4)])
+def test_one_pass_gather_equals_one_take_per_axis(shape, monkeypatch):
+    """The blocked single-pass gather gives what one np.take per axis gives, whatever the block boundaries."""
+    monkeypatch.setattr(permute, "CHUNK_BYTES", 8)  # several blocks even on these small shapes
+    rng = np.random.default_rng(len(shape))
+    x = rng.integers(0, 60000, shape).astype(np.uint16)
+    for axes in ([0], [len(shape) - 1], list(range(len(shape))), [a for a in range(1, len(shape))]):
+        steps = [(a, rng.permutation(shape[a])) for a in axes if shape[a] > 1]
+        expected = x
+        for a, p in steps:
+            expected = np.take(expected, p, axis=a)
+        np.testing.assert_array_equal(permute._gather(x, steps), expected)
 
 
 def test_inverse():
