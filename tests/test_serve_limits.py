@@ -194,7 +194,8 @@ def test_json_response_cap_nan_and_parsing_off_the_loop(budget_server, bundles):
     done.set()
     t.join(20)
     assert r.status_code == 413  # it parses fine, and then needs more than the budget
-    assert spent > 0.5 and len(latencies) > 10 and max(latencies) < 0.5, (spent, max(latencies))
+    # a parse that held the event loop would stall one probe for about the whole parse; relative, not timed
+    assert len(latencies) >= 5 and max(latencies) < spent / 2, (spent, len(latencies), max(latencies))
 
 
 def _connect(url: str) -> socket.socket:
