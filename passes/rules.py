@@ -607,44 +607,37 @@ def argmax(ctx: RuleContext) -> None:
         o += 1
 
 
-@rule("Conv", weights={1: (0,)}, lifts={0: (1,)})
-def conv(ctx: RuleContext) -> None:
-    """Channels behave like a matmul (weight absorbs both); spatial axes are positional."""
+def _conv_family(ctx: RuleContext, w_in: int, w_out: int) -> None:
+    """Channels behave like a matmul (the weight's axes w_in and w_out absorb both sides); spatial and kernel axes
+    are positional; grouped channels are pinned."""
+    op = ctx.node.op_type
     x, w = ctx.shape_in(0), ctx.shape_in(1)
     ctx.eq(ctx.ax_in(0, 0), ctx.ax_out(0, 0))
-    ctx.eq(ctx.ax_out(0, 1), ctx.ax_in(1, 0))
     if ctx.attr("group", 1) == 1:
-        ctx.eq(ctx.ax_in(0, 1), ctx.ax_in(1, 1))
+        ctx.eq(ctx.ax_in(0, 1), ctx.ax_in(1, w_in))
+        ctx.eq(ctx.ax_out(0, 1), ctx.ax_in(1, w_out))
     else:
         for c in (ctx.ax_in(0, 1), ctx.ax_in(1, 0), ctx.ax_in(1, 1), ctx.ax_out(0, 1)):
-            ctx.fix(c, "grouped Conv channels")
+            ctx.fix(c, f"grouped {op} channels")
     for a in range(2, len(x)):
-        ctx.fix(ctx.ax_in(0, a), "Conv spatial axis")
-        ctx.fix(ctx.ax_out(0, a), "Conv spatial axis")
+        ctx.fix(ctx.ax_in(0, a), f"{op} spatial axis")
+        ctx.fix(ctx.ax_out(0, a), f"{op} spatial axis")
     for a in range(2, len(w)):
-        ctx.fix(ctx.ax_in(1, a), "Conv kernel axis")
+        ctx.fix(ctx.ax_in(1, a), f"{op} kernel axis")
     if len(ctx.node.input) > 2 and ctx.node.input[2]:
         ctx.eq(ctx.ax_in(2, 0), ctx.ax_out(0, 1))
+
+
+@rule("Conv", weights={1: (0,)}, lifts={0: (1,)})
+def conv(ctx: RuleContext) -> None:
+    """Weight [C_out, C_in/group, k...]."""
+    _conv_family(ctx, w_in=1, w_out=0)
 
 
 @rule("ConvTranspose", weights={1: (0,)})
 def conv_transpose(ctx: RuleContext) -> None:
-    """Like Conv with the weight's channel axes swapped ([C_in, C_out/group, k...]); spatial axes positional."""
-    x, w = ctx.shape_in(0), ctx.shape_in(1)
-    ctx.eq(ctx.ax_in(0, 0), ctx.ax_out(0, 0))
-    if ctx.attr("group", 1) == 1:
-        ctx.eq(ctx.ax_in(0, 1), ctx.ax_in(1, 0))
-        ctx.eq(ctx.ax_out(0, 1), ctx.ax_in(1, 1))
-    else:
-        for c in (ctx.ax_in(0, 1), ctx.ax_in(1, 0), ctx.ax_in(1, 1), ctx.ax_out(0, 1)):
-            ctx.fix(c, "grouped ConvTranspose channels")
-    for a in range(2, len(x)):
-        ctx.fix(ctx.ax_in(0, a), "ConvTranspose spatial axis")
-        ctx.fix(ctx.ax_out(0, a), "ConvTranspose spatial axis")
-    for a in range(2, len(w)):
-        ctx.fix(ctx.ax_in(1, a), "ConvTranspose kernel axis")
-    if len(ctx.node.input) > 2 and ctx.node.input[2]:
-        ctx.eq(ctx.ax_in(2, 0), ctx.ax_out(0, 1))
+    """Weight [C_in, C_out/group, k...]: Conv's channel axes swapped."""
+    _conv_family(ctx, w_in=0, w_out=1)
 
 
 @rule("Resize", "Upsample")
