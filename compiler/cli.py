@@ -99,6 +99,13 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
     if not Path(a.original).exists():
         raise StipError(f"{a.original}: no such file")
+    if a.atol is None or a.rtol is None:
+        from stip.compiler.selfcheck import output_tolerances
+
+        # the precision the graph computes in: fp16 and bf16 sum with ~1e-3 and ~1e-2 rounding, not fp32's 1e-7
+        floor = max([1e-4, *output_tolerances(a.original).values()])
+        a.atol = floor if a.atol is None else a.atol
+        a.rtol = floor if a.rtol is None else a.rtol
     checks = verify(a.bundle, a.original, batch=a.batch, seq=a.seq, seed=a.seed, atol=a.atol, rtol=a.rtol,
                     device=a.device, past=a.past)
     ok = all(c.ok for c in checks)
@@ -334,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--past", type=int, default=7,
                    help="decoders with a KV cache: prefill this many tokens first, then check --seq new ones")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--atol", type=float, default=1e-4)
-    v.add_argument("--rtol", type=float, default=1e-4)
+    v.add_argument("--atol", type=float, help="absolute tolerance (default: 1e-4, or the self-check's tolerance for "
+                   "the least precise float the graph computes in: 1e-2 fp16, 5e-2 bf16)")
+    v.add_argument("--rtol", type=float, help="relative tolerance (default: as --atol)")
     v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the server graph runs (default: CUDA when a GPU is visible)")
     v.add_argument("--json", action="store_true", help="machine-readable output")

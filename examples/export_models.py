@@ -7,6 +7,7 @@ every parameter gets noise, since default init (gamma=1, beta=0) hides missing p
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 import torch
@@ -187,9 +188,12 @@ class _CausalLM(torch.nn.Module):
             return {"logits": self.model(**kw, use_cache=False).logits}
         past = [(kw.pop(f"past_key_values.{i}.key"), kw.pop(f"past_key_values.{i}.value")) for i in range(self.n_cache)]
         cache = DynamicCache(ddp_cache_data=past, config=self.model.config)
-        out = self.model(**kw, cache=cache, use_cache=True)  # transformers 5 renamed past_key_values -> cache
+        # transformers 5.2x renamed past_key_values -> cache; earlier 5.x (e.g. 5.17) still takes past_key_values
+        arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        out = self.model(**kw, **{arg: cache}, use_cache=True)
+        grown = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         res = {"logits": out.logits}
-        for i, layer in enumerate(out.cache.layers):
+        for i, layer in enumerate(grown.layers):
             res[f"present.{i}.key"], res[f"present.{i}.value"] = layer.keys, layer.values
         return res
 

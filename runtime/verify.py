@@ -15,7 +15,7 @@ import numpy as np
 from stip.runtime.axes import Role, size
 from stip.runtime.bundle import LocalDeployment
 from stip.runtime.errors import StipError
-from stip.runtime.sessions import make_session, run
+from stip.runtime.sessions import exact_math, make_session, run
 
 if TYPE_CHECKING:
     from stip.passes.graph import Graph
@@ -134,6 +134,12 @@ def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq:
 
     The original and the bundle run one after the other, each session freed before the next is loaded, so
     peak memory is one model, not two: the same inputs reach both, and every output of the last step is compared."""
+    with exact_math():
+        return _verify(bundle_dir, original, batch, seq, seed, atol, rtol, device, past)
+
+
+def _verify(bundle_dir, original, batch: int, seq: int, seed: int, atol: float, rtol: float, device: str,
+            past: int) -> list[OutputCheck]:
     from stip.runtime.bundle_format import CLIENT_MANIFEST, Manifest, find_client_dir
 
     manifest = Manifest.read(find_client_dir(bundle_dir) / CLIENT_MANIFEST)

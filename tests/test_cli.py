@@ -124,3 +124,35 @@ def test_inspect_reports_unsupported_op_without_failing(tmp_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert any(u["op"] in ("CumSum", "MatMul") and "CumSum" in u["reason"] + u["op"] for u in rep["unplaced"])
+
+
+def test_verify_defaults_to_the_precision_the_graph_computes_in(zoo, tmp_path):
+    """An fp16 bundle differs from its fp16 original by fp16 rounding (~5e-4 on these logits): `stip verify`
+    without --atol judges it at the self-check's fp16 tolerance instead of failing it at fp32's 1e-4, and an
+    explicit --atol still applies."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    fp16 = tmp_path / "llama16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(zoo.get("llama-cache"))), keep_io_types=False), str(fp16))
+    assert stip("compile", fp16, "-o", tmp_path / "out").returncode == 0
+    r = stip("verify", tmp_path / "out", "--original", fp16)
+    assert r.returncode == 0 and "PASS" in r.stdout and "atol=0.01" in r.stdout, r.stdout + r.stderr
+    r = stip("verify", tmp_path / "out", "--original", fp16, "--atol", "1e-9", "--rtol", "1e-9")
+    assert r.returncode == 1 and "FAIL" in r.stdout
+
+
+def test_checks_run_cuda_matmuls_in_full_fp32(monkeypatch):
+    """verify and the self-check build their sessions inside exact_math(): onnxruntime's CUDA EP then gets
+    use_tf32=0 (TF32's ~1e-4 rounding failed a correct fp32 Llama bundle on an H200); serving keeps the default."""
+    import stip.runtime.sessions as s
+
+    seen = []
+    monkeypatch.setattr(s, "providers_for", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(s.ort, "InferenceSession", lambda src, so, providers: seen.append(providers))
+    s.make_session(b"", "cuda")
+    with s.exact_math():
+        s.make_session(b"", "cuda")
+    s.make_session(b"", "cuda")
+    assert seen == [["CUDAExecutionProvider", "CPUExecutionProvider"],
+                    [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"],
+                    ["CUDAExecutionProvider", "CPUExecutionProvider"]]
