@@ -47,6 +47,7 @@ def self_check(bundle_dir: str | Path, original: str | Path) -> dict:
     from stip.runtime.verify import verify
 
     tol = output_tolerances(original)
+    first_token = _first_token(bundle_dir, original, tol)
     try:
         checks = verify(bundle_dir, original, batch=BATCH, seq=SEQ, past=PAST, seed=0, device="cpu")
     except StipError as e:
@@ -64,4 +65,24 @@ def self_check(bundle_dir: str | Path, original: str | Path) -> dict:
                             f"the original by max abs {c.max_abs:.3g}{shape} (tolerance {limit:.2g}); nothing was "
                             "written. This is a stip bug: please report it with `stip inspect` of the model")
         rows.append({"output": c.name, "max_abs": c.max_abs, "tolerance": limit})
-    return {"batch": BATCH, "seq": SEQ, "past": PAST, "outputs": rows}
+    summary = {"batch": BATCH, "seq": SEQ, "past": PAST, "outputs": rows}
+    if first_token is not None:
+        summary["merged_first_token_max_abs"] = first_token
+    return summary
+
+
+def _first_token(bundle_dir: str | Path, original: str | Path, tol: dict[str, float]) -> float | None:
+    """A merged decoder (manifest fixed_inputs): both branches of the original agree on the first token, so the
+    compiled with-past branch may serve it (passes/merged.py); None for other models."""
+    from stip.passes.merged import first_token_check
+    from stip.runtime.bundle_format import CLIENT_MANIFEST, Manifest, find_client_dir
+    from stip.runtime.sessions import make_session
+    from stip.runtime.verify import random_feeds
+
+    manifest = Manifest.read(find_client_dir(bundle_dir) / CLIENT_MANIFEST)
+    if not manifest.fixed_inputs:
+        return None
+    sess = make_session(original, "cpu")
+    feeds = random_feeds(original, BATCH, SEQ, seed=1, past=0, axes=manifest.axes, session=sess)
+    feeds = {k: v for k, v in feeds.items() if k not in manifest.fixed_inputs}
+    return first_token_check(original, manifest.fixed_inputs, feeds, sess, tol)

@@ -69,11 +69,13 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_venv(path: Path | None = None, log=print) -> Path:
-    """The venv's python, building the venv first unless it exists with exactly these requirements."""
+def ensure_venv(path: Path | None = None, log=print, requirements: list[str] | None = None) -> Path:
+    """The venv's python, building the venv first unless it exists with exactly these requirements
+    (`requirements`: another tool venv's pins, e.g. export_optimum_legacy.py's optimum 1.27)."""
+    reqs = requirements or REQUIREMENTS
     path = Path(path or venv_path())
     python = path / "bin" / "python"
-    want = "\n".join(REQUIREMENTS) + "\n"
+    want = "\n".join(reqs) + "\n"
     stamp = path / STAMP
     if stamp.exists() and stamp.read_text() == want and python.exists():
         return python
@@ -85,8 +87,8 @@ def ensure_venv(path: Path | None = None, log=print) -> Path:
             shutil.rmtree(path, ignore_errors=True)
             log(f"building the optimum venv at {path} (once; about a minute from local wheels)")
             _run([sys.executable, "-m", "venv", str(path)], "create the optimum venv")
-        _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *REQUIREMENTS],
-             f"pip install {' '.join(REQUIREMENTS)} into {path} (needs the package index or local wheels)")
+        _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *reqs],
+             f"pip install {' '.join(reqs)} into {path} (needs the package index or local wheels)")
         stamp.write_text(want)  # written last: a half-built venv is rebuilt next time
         log(f"optimum venv ready in {time.time() - t0:.0f} s")
     return python

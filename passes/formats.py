@@ -1,6 +1,6 @@
 """Model formats stip does not compile, recognised by structure so the refusal names the real cause.
 
-Why: without this a quantized or merged model reaches the solver, every unknown op pins its axes, and the user
+Why: without this a quantized model reaches the solver, every unknown op pins its axes, and the user
 reads "no Transformer found", which sends them looking in the wrong place. These checks run before solving.
 """
 
@@ -24,23 +24,12 @@ QUANT_ADVICE = ("compile the float model, then quantize the server graph (server
 
 
 def refuse_unsupported_format(g: Graph) -> None:
-    """Raise one StipError naming what the model is (quantized, a merged decoder) and what to do."""
-    for problem in (_merged_decoder, _quantized_ops, _weight_only_int8):
+    """Raise one StipError naming what the model is (quantized) and what to do. Merged decoders are specialised
+    (or refused, naming their If) when loaded: passes/merged.py."""
+    for problem in (_quantized_ops, _weight_only_int8):
         msg = problem(g)
         if msg:
             raise StipError(f"{g.path}: {msg}")
-
-
-def _merged_decoder(g: Graph) -> str | None:
-    """A top-level If on a graph input (optimum's `use_cache_branch`): two models in one file."""
-    inputs = set(g.input_names)
-    for idx, n in enumerate(g.model.graph.node):
-        if n.op_type == "If" and n.input[0] in inputs:
-            return (f"merged decoder: {g.node_label(idx)} on input '{n.input[0]}' selects the with-cache or the "
-                    "without-cache branch (optimum --legacy decoder_model_merged.onnx); compile "
-                    "decoder_with_past_model.onnx instead, or export without --legacy (optimum-cli export onnx "
-                    "--task text-generation-with-past writes one model.onnx with a KV cache)")
-    return None
 
 
 def _quantized_ops(g: Graph) -> str | None:

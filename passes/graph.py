@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from stip.passes.errors import StipError
+from stip.passes.merged import MergedIf, specialise_merged
 from stip.passes.state import pair_cache
 from stip.passes.tensors import Constants, external_tensor, is_external
 
@@ -35,6 +36,7 @@ class Graph:
     consumers: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     cache: list[tuple[str, str]] = field(default_factory=list)  # (past input, present output) pairs
+    merged: MergedIf | None = None  # a merged decoder's If, specialised on its with-past branch (passes/merged.py)
 
     @property
     def nodes(self) -> list[onnx.NodeProto]:
@@ -213,6 +215,7 @@ def _symbolic_shape_inference():
     spec = importlib.util.spec_from_file_location("stip_symbolic_shape_infer", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    mod.logger.setLevel("ERROR")  # its "Unable to determine if a <= b, treat as equal" is not the user's concern
 
     class Guarded(mod.SymbolicShapeInference):
         def __init__(self, *args):
@@ -308,9 +311,11 @@ def _crash_site(e: BaseException) -> str:
 
 
 def load_graph(path: str | Path, model: onnx.ModelProto | None = None) -> Graph:
-    """Load, normalise, check and shape-infer; the single entry point every command uses."""
+    """Load, specialise a merged decoder, normalise, check and shape-infer; the single entry point every command
+    uses."""
     p = Path(path)
-    model = normalise(model if model is not None else load_model(p))
+    model, merged = specialise_merged(model if model is not None else load_model(p), p)
+    model = normalise(model)
     sk = _skeleton(model, p)
     warnings: list[str] = []
     try:
@@ -324,7 +329,8 @@ def load_graph(path: str | Path, model: onnx.ModelProto | None = None) -> Graph:
     constants = Constants()
     for t in model.graph.initializer:
         constants[t.name] = external_tensor(t, p) if is_external(t) else _tensor_array(t, p)
-    g = Graph(model=_light(model), path=p, constants=constants, shapes=shapes, dtypes=dtypes, warnings=warnings)
+    g = Graph(model=_light(model), path=p, constants=constants, shapes=shapes, dtypes=dtypes, warnings=warnings,
+              merged=merged)
     g.index()
     g.cache = pair_cache(g.input_names, g.output_names, str(p))
     return g

@@ -68,7 +68,9 @@ class Client:
     def prepare(self, feeds: dict[str, np.ndarray],
                 past_length: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Returns (what the server receives, pre outputs kept locally for post). `past_length` is how many
-        tokens the server's KV cache holds (the client knows it without ever seeing the cache)."""
+        tokens the server's KV cache holds (the client knows it without ever seeing the cache). Inputs the compiler
+        fixed (manifest `fixed_inputs`, a merged decoder's use_cache_branch) are accepted and ignored."""
+        feeds = {k: v for k, v in feeds.items() if k not in self.manifest.fixed_inputs}
         missing = [n for n in self.input_names if n not in feeds]
         unknown = [n for n in feeds if n not in self.input_names]
         if missing or unknown:

@@ -167,6 +167,8 @@ _CHECKS = {  # field -> (valid?, what it must be)
     "axes": (lambda v: isinstance(v, dict) and all(
         isinstance(r, list) and all(x in AXIS_ROLES or (_int(x) and x > 0) for x in r) for r in v.values()),
         "a map from input name to axis roles ('batch', 'new', 'past', 'total' or a size)"),
+    "fixed_inputs": (lambda v: isinstance(v, dict) and all(isinstance(x, bool) for x in v.values()),
+                     "a map from input name to true or false"),
     "tokenizer": (lambda v: v is None or (isinstance(v, str) and bool(re.fullmatch(r"[\w.-]+", v)) and v != ".."),
                   "null or the name of a directory inside client/"),
 }
@@ -192,6 +194,9 @@ class Manifest:
     max_context: int | None = None
     tokenizer: str | None = None  # directory inside client/
     axes: dict[str, list[str | int]] = field(default_factory=dict)  # input -> each axis's role or required size
+    # inputs of the original the compiler fixed (a merged decoder's use_cache_branch -> the with-past branch's
+    # value): not model inputs of the bundle; a caller that still feeds them has them ignored
+    fixed_inputs: dict[str, bool] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -215,6 +220,8 @@ class Manifest:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         if self.tokenizer is None:
             del d["tokenizer"]
+        if not self.fixed_inputs:
+            del d["fixed_inputs"]
         return {**d, **self.extra}
 
     @classmethod

@@ -151,10 +151,22 @@ def _verify(bundle_dir, original, batch: int, seq: int, seed: int, atol: float, 
     feeds = [{k: v for k, v in random_feeds(original, batch, length, seed + i, past=start, axes=manifest.axes,
                                             session=sess).items() if k not in cache_inputs}
              for i, (length, start) in enumerate(steps) if length]
-    ref = _run_original(sess, original, feeds, cached, batch)
+    ref = _run_original(sess, original, _as_fed(sess, feeds, steps, manifest.fixed_inputs), cached, batch)
     del sess
     got = _run_bundle(bundle_dir, device, feeds, cached, batch)
     return compare(ref, got, atol, rtol)
+
+
+def _as_fed(sess, feeds: list[dict], steps, fixed: dict[str, bool]) -> list[dict]:
+    """The original's feeds as its own callers give them: a merged decoder's condition selects the first-token
+    branch while the past is empty and the with-past branch after, so the bundle (the with-past branch throughout)
+    is checked against the first-token branch too."""
+    if not fixed:
+        return feeds
+    shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in sess.get_inputs()}
+    starts = [start for length, start in steps if length]
+    return [{**f, **{n: np.full(shapes[n], v if start else not v, dtype=bool) for n, v in fixed.items()}}
+            for f, start in zip(feeds, starts)]
 
 
 def _run_original(sess, original, feeds: list[dict], cached: bool, batch: int) -> dict[str, np.ndarray]:
@@ -186,7 +198,7 @@ def _run_bundle(bundle_dir, device, feeds: list[dict], cached: bool, batch: int)
 def same_interface(manifest, sess, original: str | Path, bundle_dir: str | Path) -> None:
     """`--original` must be the model the bundle was compiled from: same inputs, the bundle's outputs."""
     cache = {c for c, _ in manifest.cache}
-    ins = [i.name for i in sess.get_inputs() if i.name not in cache]
+    ins = [i.name for i in sess.get_inputs() if i.name not in cache and i.name not in manifest.fixed_inputs]
     outs = {o.name for o in sess.get_outputs()}
     want = manifest.inputs
     if set(ins) != set(want) or not set(manifest.outputs) <= outs:
