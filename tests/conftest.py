@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import export_models  # noqa: E402
 import export_optimum  # noqa: E402
+import export_optimum_legacy  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -89,5 +90,31 @@ def optimum_model():
             return export_optimum.cached_export(arch, task, extra=extra)
         except export_optimum.ExportError as e:
             pytest.fail(f"optimum export of {arch} {task} failed: {e}", pytrace=False)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def optimum_legacy():
+    """`get(arch, task="text-generation-with-past")`: the directory of an optimum 1.27 `--legacy` export
+    (decoder_model.onnx, decoder_with_past_model.onnx, decoder_model_merged.onnx, config and tokenizer), made in
+    its own cached venv (examples/export_optimum_legacy.py) and cached on disk by content. Fails loudly, like
+    optimum_model, when the venv cannot be built."""
+
+    venv: list[str | None] = []
+
+    def get(arch: str, task: str = export_optimum_legacy.TASK) -> Path:
+        if not venv:
+            try:
+                export_optimum_legacy.ensure_venv()
+                venv.append(None)
+            except export_optimum.ExportError as e:
+                venv.append(str(e))
+        if venv[0]:
+            pytest.fail(f"the optimum 1.27 venv could not be built: {venv[0]}", pytrace=False)
+        try:
+            return export_optimum_legacy.cached_export(arch, task)
+        except export_optimum.ExportError as e:
+            pytest.fail(f"optimum 1.27 --legacy export of {arch} {task} failed: {e}", pytrace=False)
 
     return get
