@@ -25,6 +25,8 @@ from stip.passes.state import is_cache_input
 
 ADVICE = ("compile decoder_with_past_model.onnx of the same export instead, or export without --legacy "
           "(optimum-cli export onnx --task text-generation-with-past writes one model.onnx with a KV cache)")
+ADVICE_PAIR = ("compile the export's decoder_model.onnx and decoder_with_past_model.onnx together, with one key "
+               "(stip compile DIR), instead")
 
 
 @dataclass(frozen=True)
@@ -83,28 +85,42 @@ def _rename_refs(g: onnx.GraphProto, mapping: dict[str, str]) -> None:
         o.name = scope.get(o.name, o.name)
 
 
-def _pass_through(branch: onnx.GraphProto, outer: set[str]) -> dict[str, str]:
-    """Branch outputs that are an enclosing scope's tensor unchanged (directly or through Identity)."""
+def _never_computed(branch: onnx.GraphProto, outer: set[str]) -> dict[str, str]:
+    """Branch outputs the branch does not compute: an enclosing scope's tensor passed through unchanged, or a
+    constant (optimum's seq2seq with-past branch returns Constant dummies for the cross-attention presents)."""
     producer = {o: n for n in branch.node for o in n.output if o}
+    consts = {t.name for t in branch.initializer}
     out = {}
     for o in branch.output:
         name = o.name
         while name in producer and producer[name].op_type == "Identity":
             name = producer[name].input[0]
-        if name not in producer and name in outer:
-            out[o.name] = name
+        if name in producer and producer[name].op_type == "Constant" or name in consts:
+            out[o.name] = "a constant"
+        elif name not in producer and name in outer:
+            out[o.name] = f"'{name}' passed through unchanged"
     return out
 
 
-def specialise_merged(model: onnx.ModelProto, path: str | Path) -> tuple[onnx.ModelProto, MergedIf | None]:
-    """Inline the with-past branch of a merged decoder's If (in place); returns the model and what was fixed,
-    or (model, None) when the graph has no top-level If on a graph input. Refuses every other such If."""
+@dataclass
+class _Found:
+    idx: int
+    node: onnx.NodeProto
+    label: str
+    with_past: str  # "then_branch" or "else_branch"
+    first: str
+    problem: str | None  # why the with-past branch cannot serve the first token, if it cannot
+
+
+def _recognise(model: onnx.ModelProto, path: str | Path) -> _Found | None:
+    """The merged decoder's If, or None when there is no top-level If on a graph input; refuses any such If
+    whose shape is not a choice between a first-token and a with-past decoder."""
     g = model.graph
     inits = {t.name for t in g.initializer}
     inputs = {i.name: i for i in g.input if i.name not in inits}
     found = [(k, n) for k, n in enumerate(g.node) if n.op_type == "If" and n.input[0] in inputs]
     if not found:
-        return model, None
+        return None
     idx, node = found[0]
     label = f"If node '{node.name or node.output[0]}' on input '{node.input[0]}'"
 
@@ -114,8 +130,7 @@ def specialise_merged(model: onnx.ModelProto, path: str | Path) -> tuple[onnx.Mo
     if len(found) > 1:
         raise refuse(f"the graph has {len(found)} Ifs on graph inputs (also on '{found[1][1].input[0]}'); stip "
                      "specialises one If on use_cache_branch only")
-    cond = inputs[node.input[0]]
-    tt = cond.type.tensor_type
+    tt = inputs[node.input[0]].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
     if tt.elem_type != onnx.TensorProto.BOOL or dims not in ([], [1]):
         raise refuse(f"the condition is {onnx.TensorProto.DataType.Name(tt.elem_type).lower()}{dims}, not a bool "
@@ -136,24 +151,68 @@ def specialise_merged(model: onnx.ModelProto, path: str | Path) -> tuple[onnx.Mo
     if len(with_past) != 1:
         raise refuse(f"{'both' if with_past else 'neither'} of its branches read the cache inputs "
                      "(past_key_values.*), so neither is the with-past decoder")
-    taken_name = with_past[0]
-    other_name = "else_branch" if taken_name == "then_branch" else "then_branch"
-    taken = branches[taken_name]
-    passed = _pass_through(taken, _defined(g))
-    if passed:
-        out, src = next(iter(passed.items()))
-        raise refuse(f"its with-past branch ({taken_name}) passes '{src}' through unchanged to '{out}' (a cache it "
-                     "never computes, such as a cross-attention cache), so it cannot start from an empty past; the "
-                     f"first token needs the {other_name}")
-    missing = sorted(reads[other_name] - reads[taken_name])
-    if missing:
-        raise refuse(f"its with-past branch ({taken_name}) does not read '{missing[0]}', which the first-token branch "
-                     f"({other_name}) reads, so it cannot compute the first token")
-    _inline(g, idx, node, taken)
+    taken = with_past[0]
+    first = "else_branch" if taken == "then_branch" else "then_branch"
+    problem = None
+    never = _never_computed(branches[taken], _defined(g))
+    missing = sorted(reads[first] - reads[taken])
+    if never:
+        out, what = next(iter(never.items()))
+        problem = (f"its with-past branch ({taken}) returns {what} as '{out}' (a cache it never computes, such as a "
+                   f"cross-attention cache), so it cannot start from an empty past; the first token needs the {first}")
+    elif missing:
+        problem = (f"its with-past branch ({taken}) does not read '{missing[0]}', which the first-token branch "
+                   f"({first}) reads, so it cannot compute the first token")
+    return _Found(idx, node, label, taken, first, problem)
+
+
+def specialise_merged(model: onnx.ModelProto, path: str | Path) -> tuple[onnx.ModelProto, MergedIf | None]:
+    """Inline the with-past branch of a merged decoder's If (in place); returns the model and what was fixed,
+    or (model, None) when the graph has no top-level If on a graph input. Refuses every other such If, and a
+    with-past branch that cannot serve the first token (ADVICE_PAIR: the two branches need one key, two graphs)."""
+    f = _recognise(model, path)
+    if f is None:
+        return model, None
+    if f.problem:
+        raise StipError(f"{path}: merged decoder: {f.label}: {f.problem}; {ADVICE_PAIR}")
+    cond = f.node.input[0]
+    _take(model.graph, f, f.with_past)
+    _declare_totals(model.graph)
+    return model, MergedIf(f.label, cond, f.with_past == "then_branch")
+
+
+def branch_model(model: onnx.ModelProto, path: str | Path, which: str) -> onnx.ModelProto | None:
+    """A merged decoder as one of its two decoders: `which` is "first_token" (the no-past decoder, like optimum's
+    decoder_model.onnx) or "with_past" (like decoder_with_past_model.onnx), a new model with that branch inlined
+    and the condition and the inputs it does not read dropped. None for a model without a top-level If on a graph
+    input; refuses Ifs of other shapes. For compiling both as one bundle with one key (seq2seq merged decoders,
+    whose with-past branch cannot start from an empty past)."""
+    if which not in ("first_token", "with_past"):
+        raise ValueError(which)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    f = _recognise(copy, path)
+    if f is None:
+        return None
+    _take(copy.graph, f, f.with_past if which == "with_past" else f.first)
+    needed = {x for n in copy.graph.node for x in n.input} | {o.name for o in copy.graph.output}
+    for n in copy.graph.node:
+        for sub in subgraphs(n):
+            needed |= free_names(sub)
+    keep = [i for i in copy.graph.input if i.name in needed]
+    del copy.graph.input[:]
+    copy.graph.input.extend(keep)
+    if which == "with_past":
+        _declare_totals(copy.graph)
+    return copy
+
+
+def _take(g: onnx.GraphProto, f: _Found, branch: str) -> None:
+    """Replace the If by one branch and drop the condition input and what only the other branch used."""
+    cond = next(i for i in g.input if i.name == f.node.input[0])
+    _inline(g, f.idx, f.node, next(a.g for a in f.node.attribute if a.name == branch))
     g.input.remove(cond)
     _drop_dead(g)
-    _declare_totals(g)
-    return model, MergedIf(label, node.input[0], taken_name == "then_branch")
 
 
 def _symbols(vi: onnx.ValueInfoProto) -> list[str | None]:
@@ -287,12 +346,12 @@ def first_token_check(original: str | Path, fixed: dict[str, bool], feeds: dict[
                                                  str(original))))
             except StipError as e:
                 raise StipError(f"{original}: merged decoder: {label}: with {cond}={v} and an empty past the "
-                                f"model does not run ({e}); {ADVICE}") from None
+                                f"model does not run ({e}); {ADVICE_PAIR}") from None
             except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
                 first = (str(e).strip().splitlines() or [""])[0][:200]
                 raise StipError(f"{original}: merged decoder: {label}: with {cond}={v} and an empty past "
                                 f"onnxruntime fails ({type(e).__name__}: {first}), so the with-past branch cannot "
-                                f"compute the first token; {ADVICE}") from None
+                                f"compute the first token; {ADVICE_PAIR}") from None
         worst = 0.0
         for name in names:
             a, b = results[value][name], results[not value][name]
@@ -303,6 +362,6 @@ def first_token_check(original: str | Path, fixed: dict[str, bool], feeds: dict[
                                 f"empty past gives output '{name}' {'of another shape' if diff == np.inf else ''}"
                                 f"{'' if diff == np.inf else f'differing by max abs {diff:.3g}'} from the "
                                 f"first-token branch ({cond}={not value}), so specialising on it would change the "
-                                f"first token; {ADVICE}")
+                                f"first token; {ADVICE_PAIR}")
             worst = max(worst, diff)
     return worst

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from onnx import helper
 
 from stip.compiler.pipeline import compile_model
 from stip.passes.errors import StipError
+from stip.passes.merged import branch_model
 from stip.runtime.bundle import LocalDeployment
 from stip.runtime.generate import StipGenerator
 from stip.runtime.verify import random_feeds, verify
@@ -155,24 +157,60 @@ def test_an_if_of_another_shape_is_refused_naming_it(optimum_legacy, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_with_past_branch_that_passes_a_cache_through_is_refused(optimum_legacy, tmp_path):
-    """A with-past branch that returns a past input unchanged as its present (as seq2seq merged decoders do with the
-    cross-attention cache) never computes that cache, so it cannot start from an empty past: refused."""
+@pytest.mark.parametrize("how,words", [
+    ("identity", "returns 'past_key_values.0.key' passed through unchanged as 'present.0.key'"),
+    ("constant", "returns a constant as 'present.0.key'"),
+])
+def test_a_with_past_branch_that_never_computes_a_cache_is_refused(optimum_legacy, tmp_path, how, words):
+    """A with-past branch that returns a past input unchanged, or a constant, as its present (optimum's seq2seq
+    merged decoders do so with the cross-attention cache) cannot start from an empty past: refused, naming the
+    If and the output, and pointing to the two-file pair."""
     src = optimum_legacy("gpt2") / MERGED
 
-    def pass_through(_g, branches):
+    def never_computed(_g, branches):
         then = branches["then_branch"]
         old = then.output[1].name
         for n in then.node:
             n.output[:] = [o + "_unused" if o == old else o for o in n.output]
             n.input[:] = [x + "_unused" if x == old else x for x in n.input]
-        then.node.append(helper.make_node("Identity", ["past_key_values.0.key"], [old]))
+        if how == "identity":
+            then.node.append(helper.make_node("Identity", ["past_key_values.0.key"], [old]))
+        else:
+            then.node.append(helper.make_node("Constant", [], [old], value=onnx.numpy_helper.from_array(
+                np.zeros((1, 4, 1, 8), np.float32))))
 
-    _edit(src, tmp_path / "m.onnx", pass_through)
-    with pytest.raises(StipError, match=r"with-past branch \(then_branch\) passes 'past_key_values.0.key' through "
-                                        r"unchanged to 'present.0.key'.*cannot start from an empty past"):
+    _edit(src, tmp_path / "m.onnx", never_computed)
+    with pytest.raises(StipError, match=rf"If node 'optimum::if' on input 'use_cache_branch': its with-past branch "
+                                        rf"\(then_branch\) {re.escape(words)} .*cannot start from an empty past.*"
+                                        r"decoder_model.onnx and decoder_with_past_model.onnx together"):
         compile_model(tmp_path / "m.onnx", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    assert branch_model(onnx.load(str(tmp_path / "m.onnx")), tmp_path / "m.onnx", "first_token") is not None
+
+
+def test_branch_model_splits_a_merged_decoder_into_its_pair(optimum_legacy):
+    """branch_model (for compiling both decoders with one key): the first-token branch computes what optimum's
+    decoder_model.onnx computes, the with-past branch what the merged file computes with use_cache_branch True;
+    neither keeps the condition, and the first-token decoder has no cache inputs."""
+    d = optimum_legacy("gpt2")
+    merged_model = onnx.load(str(d / MERGED))
+    first = branch_model(merged_model, d / MERGED, "first_token")
+    past = branch_model(merged_model, d / MERGED, "with_past")
+    assert {i.name for i in first.graph.input} == {"input_ids", "attention_mask"}
+    assert "use_cache_branch" not in {i.name for i in past.graph.input}
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(0, 300, (2, 4)), np.ones((2, 4), np.int64)
+    run = lambda m, feeds: ort.InferenceSession(m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m),  # noqa: E731
+                                                providers=["CPUExecutionProvider"]).run(None, feeds)
+    ref = run(d / "decoder_model.onnx", {"input_ids": ids, "attention_mask": mask})
+    for a, b in zip(run(first, {"input_ids": ids, "attention_mask": mask}), ref):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    cache = {f"past_key_values.{i}.{kv}": rng.standard_normal((2, 4, 3, 8)).astype(np.float32)
+             for i in range(2) for kv in ("key", "value")}
+    feeds = {"input_ids": ids[:, :1], "attention_mask": np.ones((2, 4), np.int64), **cache}
+    want = run(d / MERGED, {**feeds, "use_cache_branch": np.array([True])})
+    for a, b in zip(run(past, feeds), want):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_branches_that_disagree_on_the_first_token_are_refused(optimum_legacy, tmp_path):
