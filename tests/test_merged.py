@@ -233,3 +233,21 @@ def test_branches_that_disagree_on_the_first_token_are_refused(optimum_legacy, t
                                         r"by max abs 0.5"):
         compile_model(tmp_path / "m.onnx", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_merged_bundle_over_http_with_stip_serve(merged):
+    """stip serve with a merged decoder's bundle: remote generation equals the original's, and a remote caller
+    that feeds use_cache_branch has it ignored on the client side (the server never sees it)."""
+    from stip.runtime.launch import stip_server
+    from stip.runtime.remote import RemoteClient, RemoteServer
+
+    model, out, _ = merged("llama")
+    with stip_server(out / "server") as url:
+        gen = StipGenerator(out / "client", server=RemoteServer(url))
+        assert list(gen.generate(PROMPT, 10)) == optimum_greedy(model, PROMPT, 10)
+        feeds = {"input_ids": np.array([PROMPT]), "attention_mask": np.ones((1, len(PROMPT)), np.int64)}
+        got = RemoteClient(out / "client", url).run({**feeds, "use_cache_branch": np.array([False])})["logits"]
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    empty = {i.name: np.zeros((1, 2, 0, 8), np.float32) for i in sess.get_inputs() if "past" in i.name}
+    ref = sess.run(["logits"], {**feeds, **empty, "use_cache_branch": np.array([False])})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
