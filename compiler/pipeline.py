@@ -249,8 +249,6 @@ def _build(plan: _Plan, step, sinks: dict):
         "axes": axes,
         "fixed_inputs": {g.merged.cond: g.merged.value} if g.merged else {},
     }
-    if g.merged:
-        report["merged_decoder"] = {"if": g.merged.node, "fixed_input": g.merged.cond, "value": g.merged.value,
-                                    "note": "compiled the with-past branch; the first token runs it on an empty past"}
+
     return bundle, report, manifest, perms.by_name()
 

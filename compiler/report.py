@@ -216,6 +216,8 @@ def model_summary(g: Graph, sol: Solution, part: Partition | None, refusals: lis
         "warnings": g.warnings,
         "security_notes": SECURITY_NOTES,
     }
+    if g.merged is not None:
+        out["merged_decoder"] = {"if": g.merged.node, "fixed_input": g.merged.cond, "value": g.merged.value}
     if part is not None:
         out["private_inputs"] = part.private
         out["public_inputs"] = [n for n in part.public if n not in {i for i, _ in part.cache}]
@@ -252,6 +254,11 @@ def render(report: dict) -> str:
         con.print(f"[b]Model[/b] {report['model']}  opset {report['opset']}  {report['nodes']} nodes  "
                   f"{report['parameters']:,} parameters  {report['layers']} attention layers  "
                   f"{report['permuted_weights']} permuted weights")
+        if report.get("merged_decoder"):
+            m = report["merged_decoder"]
+            con.print(f"merged decoder: {m['if']}: compiles as its with-past branch ({m['fixed_input']}="
+                      f"{m['value']}), which also computes the first token from an empty past; callers need not "
+                      f"feed {m['fixed_input']}")
         if "private_inputs" in report:
             con.print(f"private inputs (client only): {', '.join(report['private_inputs']) or '-'}")
             con.print(f"public inputs: {', '.join(report['public_inputs']) or '-'}")

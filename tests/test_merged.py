@@ -99,6 +99,8 @@ def test_merged_decoder_cli_as_a_user_runs_it(optimum_legacy, tmp_path):
     """stip compile decoder_model_merged.onnx -o out && stip generate out --prompt-ids ... && stip verify out."""
     model = optimum_legacy("llama") / MERGED
     out = tmp_path / "out"
+    r = stip("inspect", model)
+    assert r.returncode == 0 and "merged decoder: If node 'optimum::if' on input 'use_cache_branch'" in r.stdout, r
     r = stip("compile", model, "-o", out)
     assert r.returncode == 0 and "checked:" in r.stdout, r.stdout + r.stderr
     assert "Unable to determine" not in r.stdout + r.stderr  # onnxruntime's shape-inference chatter is muted
