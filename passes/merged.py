@@ -5,9 +5,11 @@ one top-level If on a bool input `use_cache_branch`, sharing the top-level weigh
 serves the first token when it is given an empty past (Concat of a zero-length cache), so the If is replaced by
 that branch, inlined, and the condition input is dropped: the bundle is one ordinary KV-cache decoder, and callers
 who still feed the condition have it ignored (the manifest lists it under `fixed_inputs`). The branch is
-recognised by graph shape, not by names: a top-level If whose condition is a graph bool input read by nothing
-else, whose outputs are the graph's outputs, and exactly one of whose branches reads the cache inputs. Anything
-else with that look is refused, naming the If and why. That the with-past branch computes the first token like the
+recognised by graph shape, not by the input's name: a top-level If whose condition is a graph bool input read by
+nothing else, whose outputs are the graph's outputs, and exactly one of whose branches reads the cache inputs (the
+bundle format's past_key_values.* inputs). Any other If on a graph input is refused, naming it and why; so is a
+with-past branch that never computes some cache (seq2seq: the cross-attention cache), which branch_model splits
+into the two decoders for compiling with one key. That the with-past branch computes the first token like the
 other branch is checked in onnxruntime by the compile self-check (first_token_check below) and by `stip verify`.
 """
 
