@@ -186,9 +186,10 @@ def specialise_merged(model: onnx.ModelProto, path: str | Path) -> tuple[onnx.Mo
 def branch_model(model: onnx.ModelProto, path: str | Path, which: str) -> onnx.ModelProto | None:
     """A merged decoder as one of its two decoders: `which` is "first_token" (the no-past decoder, like optimum's
     decoder_model.onnx) or "with_past" (like decoder_with_past_model.onnx), a new model with that branch inlined
-    and the condition and the inputs it does not read dropped. None for a model without a top-level If on a graph
-    input; refuses Ifs of other shapes. For compiling both as one bundle with one key (seq2seq merged decoders,
-    whose with-past branch cannot start from an empty past)."""
+    and the condition and the inputs it does not read dropped, as are outputs the branch never computes (a seq2seq
+    with-past branch's constant cross-attention presents; optimum's decoder_with_past_model.onnx lacks them too).
+    None for a model without a top-level If on a graph input; refuses Ifs of other shapes. For compiling both as
+    one bundle with one key (seq2seq merged decoders, whose with-past branch cannot start from an empty past)."""
     if which not in ("first_token", "with_past"):
         raise ValueError(which)
     copy = onnx.ModelProto()
@@ -196,7 +197,14 @@ def branch_model(model: onnx.ModelProto, path: str | Path, which: str) -> onnx.M
     f = _recognise(copy, path)
     if f is None:
         return None
-    _take(copy.graph, f, f.with_past if which == "with_past" else f.first)
+    branch = f.with_past if which == "with_past" else f.first
+    never = _never_computed(next(a.g for a in f.node.attribute if a.name == branch), _defined(copy.graph))
+    _take(copy.graph, f, branch)
+    if never:  # optimum's seq2seq dummies (constant cross-attention presents): gone, as in decoder_with_past_model
+        keep_out = [o for o in copy.graph.output if o.name not in never]
+        del copy.graph.output[:]
+        copy.graph.output.extend(keep_out)
+        _drop_dead(copy.graph)
     needed = {x for n in copy.graph.node for x in n.input} | {o.name for o in copy.graph.output}
     for n in copy.graph.node:
         for sub in subgraphs(n):
