@@ -165,7 +165,8 @@ def _as_fed(sess, feeds: list[dict], steps, fixed: dict[str, bool]) -> list[dict
         return feeds
     shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in sess.get_inputs()}
     starts = [start for length, start in steps if length]
-    return [{**f, **{n: np.full(shapes[n], v if start else not v, dtype=bool) for n, v in fixed.items()}}
+    return [{**{k: x for k, x in f.items() if k not in fixed},
+             **{n: np.full(shapes[n], v if start else not v, dtype=bool) for n, v in fixed.items() if n in shapes}}
             for f, start in zip(feeds, starts)]
 
 
