@@ -918,25 +918,98 @@ def ms_embed_layer_norm(ctx: RuleContext) -> None:
             ctx.eq(ctx.ax_out(2, a), ctx.ax_out(0, a))
 
 
+# ---- quantized ops (onnxruntime.quantization: dynamic int8, QDQ, weight-only; MatMulNBits) ----
+# Permuting is exact when every per-channel scale and zero point moves with its channel; per-tensor ones have no
+# axis. The quantization steps themselves are elementwise, or (DynamicQuantizeLinear) read only the min and max
+# of the whole tensor, which no permutation changes.
+
+
+def _params_along(ctx: RuleContext, j: int, target: int, why: str) -> None:
+    """A scale/zero point input j: a scalar (or size-1) one is per tensor; a 1-D one of size > 1 is per channel
+    of `target` and takes its permutation; any other layout is refused rather than guessed."""
+    if not ctx.has_input(j):
+        return
+    shape = ctx.shape_in(j)
+    if all(d == 1 for d in shape):
+        return
+    if len(shape) != 1:
+        ctx.refuse(f"{why} of shape {shape} is neither per tensor nor one value per channel",
+                   "quantize per tensor or per channel (a 1-D scale/zero point)")
+    ctx.eq(ctx.ax_in(j, 0), target)
+
+
+@rule("DynamicQuantizeLinear")
+def dynamic_quantize_linear(ctx: RuleContext) -> None:
+    """y = saturate(round(x / scale) + zero_point), with the scalar scale and zero point (outputs 1, 2) computed
+    from x's min and max over the whole tensor: a permutation changes neither, and y is elementwise."""
+    broadcast_into(ctx, 0)
+
+
+@rule("MatMulInteger", weights={1: (-2, -1)}, heavy=True, lifts={0: (1,), 1: (0,)})
+def matmul_integer(ctx: RuleContext) -> None:
+    """(a - a_zero_point) @ (b - b_zero_point) in int32, exactly: a MatMul whose zero points are per tensor, per
+    row of a (a 1-D a_zero_point) or per column of b (b_zero_point aligned right with b), moving with them."""
+    matmul(ctx)
+    a, b = ctx.shape_in(0), ctx.shape_in(1)
+    if len(a) >= 2:
+        _params_along(ctx, 2, ctx.ax_in(0, len(a) - 2), "MatMulInteger a_zero_point")
+    elif ctx.has_input(2) and any(d != 1 for d in ctx.shape_in(2)):
+        ctx.refuse("MatMulInteger with a per-row a_zero_point on a vector", "quantize a per tensor")
+    if ctx.has_input(3):
+        zp = ctx.shape_in(3)
+        if len(zp) > len(b):
+            ctx.refuse(f"MatMulInteger b_zero_point of shape {zp} has more axes than b", "quantize b per column")
+        broadcast = len(zp) == 1 and len(b) >= 2  # one value per column: b's last axis
+        for k, d in enumerate(zp):
+            if d != 1:
+                ctx.eq(ctx.ax_in(3, k), ctx.ax_in(1, len(b) - 1 if broadcast else len(b) - len(zp) + k))
+
+
+@rule(MS + "DynamicQuantizeMatMul", weights={1: (-2, -1)}, heavy=True, lifts={0: (1,)})
+def ms_dynamic_quantize_matmul(ctx: RuleContext) -> None:
+    """A quantized per tensor from its min and max (order-invariant) @ int8 b [K, N], rescaled by b_scale and
+    b_zero_point (scalars, or one per column N), plus an optional bias [N]."""
+    matmul(ctx)
+    n = ctx.ax_in(1, len(ctx.shape_in(1)) - 1)
+    _params_along(ctx, 2, n, "DynamicQuantizeMatMul b_scale")
+    _params_along(ctx, 3, n, "DynamicQuantizeMatMul b_zero_point")
+    _params_along(ctx, 4, n, "DynamicQuantizeMatMul bias")
+
+
+@rule(MS + "MatMulIntegerToFloat", weights={1: (-2, -1)}, heavy=True, lifts={0: (1,)})
+def ms_matmul_integer_to_float(ctx: RuleContext) -> None:
+    """(a - a_zp) a_scale @ (b - b_zp) b_scale + bias: a's parameters are per tensor or per column of a (its K
+    axis, which b's rows share), b's per tensor or per column of b (N), as is the bias."""
+    matmul(ctx)
+    k = ctx.ax_in(0, len(ctx.shape_in(0)) - 1)
+    n = ctx.ax_in(1, len(ctx.shape_in(1)) - 1)
+    for j, target, what in ((2, k, "a_scale"), (3, n, "b_scale"), (4, k, "a_zero_point"), (5, n, "b_zero_point"),
+                            (6, n, "bias")):
+        _params_along(ctx, j, target, f"MatMulIntegerToFloat {what}")
+
+
+@rule("DequantizeLinear", "QuantizeLinear")
+def dequantize_linear(ctx: RuleContext) -> None:
+    """(x - zero_point) * scale (or its inverse, round(x / scale) + zero_point), elementwise: per-tensor
+    parameters have no axes; per-axis ones (1-D, `axis`) share x's axis and take its permutation, as a bias does.
+    Blocked quantization (block_size) is pinned."""
+    rank = len(ctx.shape_in(0))
+    broadcast_into(ctx, 0)
+    if ctx.attr("block_size", 0):
+        ctx.fix_all(f"blocked {ctx.node.op_type}")
+        return
+    axis = ctx.attr("axis", 1) % max(rank, 1)
+    for j in (1, 2):
+        if ctx.has_input(j) and len(ctx.shape_in(j)) == 1 and ctx.shape_in(j)[0] != 1:
+            ctx.eq(ctx.ax_in(j, 0), ctx.ax_in(0, axis))
+        elif ctx.has_input(j) and any(d != 1 for d in ctx.shape_in(j)):
+            ctx.refuse(f"{ctx.node.op_type} parameter of shape {ctx.shape_in(j)}", "quantize per tensor or per axis")
+
+
 @rule(MS + "MatMulNBits", heavy=True)
 def ms_matmul_nbits(ctx: RuleContext) -> None:
     ctx.refuse("MatMulNBits (block-quantized weights) is not supported",
                "compile the float model, then quantize the server graph of the bundle")
-
-
-@rule("DequantizeLinear")
-def dequantize_linear(ctx: RuleContext) -> None:
-    """(x - zero_point) * scale, elementwise: per-tensor parameters have no axes; per-axis ones (1-D, `axis`)
-    share x's axis and take its permutation, as a bias does. Blocked quantization (block_size) is pinned."""
-    rank = len(ctx.shape_in(0))
-    broadcast_into(ctx, 0)
-    if ctx.attr("block_size", 0):
-        ctx.fix_all("blocked DequantizeLinear")
-        return
-    axis = ctx.attr("axis", 1) % max(rank, 1)
-    for j in (1, 2):
-        if j < len(ctx.node.input) and ctx.node.input[j] and len(ctx.shape_in(j)) == 1 and ctx.shape_in(j)[0] != 1:
-            ctx.eq(ctx.ax_in(j, 0), ctx.ax_in(0, axis))
 
 
 def fallback(ctx: RuleContext) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 from stip.passes.axes import sinusoid_position_table
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph
-from stip.passes.rules import contract
+from stip.passes.rules import contract, op_key
 from stip.passes.spaces import SpaceConflict, Spaces
 from stip.passes.values import symbolic_values
 
@@ -452,8 +452,11 @@ def _structured_size(sp: Spaces, kind: str, parts: list[int]):
     return int(np.prod(sizes)) if kind == "prod" else sum(sizes)
 
 
-# Ops that read an int8 embedding table directly (formats.py refuses int8 weights that reach a MatMul/Gemm/Conv)
+# Ops that read an int8 weight or embedding table, to dequantize or gather it
 QUANTIZED_TABLE_OPS = ("Gather", "Cast", "DequantizeLinear")
+# Ops that compute with int8 (or packed 4-bit) weights directly: their `weights` axes are features
+INTEGER_WEIGHT_OPS = ("MatMulInteger", "com.microsoft:DynamicQuantizeMatMul", "com.microsoft:MatMulIntegerToFloat",
+                      "com.microsoft:MatMulNBits")
 COLUMNS = "split into single columns, each its own output"
 
 
@@ -475,7 +478,9 @@ def is_float(dtype: np.dtype) -> bool:
 
 def _feature_axes(node, j: int, value: np.ndarray) -> list[int]:
     if value.ndim >= 2 and value.dtype in (np.int8, np.uint8) and j == 0 and node.op_type in QUANTIZED_TABLE_OPS:
-        return [value.ndim - 1]  # an int8-quantized embedding table: gathered, or cast/dequantized first
+        return [value.ndim - 1]  # an int8 weight or embedding table: gathered, or cast/dequantized first
+    if value.ndim >= 2 and value.dtype in (np.int8, np.uint8) and op_key(node) in INTEGER_WEIGHT_OPS:
+        return sorted({a % value.ndim for a in contract(node).weights.get(j, ())})  # used as int8 (or packed)
     if value.ndim < 2 or not is_float(value.dtype):
         return []
     return sorted({a % value.ndim for a in contract(node).weights.get(j, ())})

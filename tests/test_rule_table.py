@@ -39,6 +39,10 @@ def w(*shape):
     return RNG.standard_normal(shape).astype(np.float32)
 
 
+def i8(*shape):
+    return RNG.integers(-128, 128, shape).astype(np.int8)
+
+
 def iconst(values):
     return np.asarray(values, dtype=np.int64)
 
@@ -86,6 +90,12 @@ CASES.update({
     "Slice": Case([act(2, 3, 8), iconst([2]), iconst([6]), iconst([2])], [(2, 3, 4)]),
     "Gather": Case([w(10, 4), ids(2, 3)], [(2, 3, 4)]),
     "DequantizeLinear": Case([np.ones((10, 4), np.int8), w(4), np.zeros(4, np.int8)], [(10, 4)]),
+    "QuantizeLinear": Case([act(10, 4), w(4), np.zeros(4, np.int8)], [(10, 4)]),
+    "DynamicQuantizeLinear": Case([X], [(2, 3, 4), (), ()]),
+    "MatMulInteger": Case([act(2, 3, 4), i8(4, 5), np.zeros(3, np.uint8), np.zeros(5, np.int8)], [(2, 3, 5)]),
+    MS + "DynamicQuantizeMatMul": Case([X, i8(4, 5), w(5), np.zeros(5, np.int8), w(5)], [(2, 3, 5)]),
+    MS + "MatMulIntegerToFloat": Case([act(2, 3, 4), i8(4, 5), w(4), w(5), np.zeros(4, np.uint8), np.zeros(5, np.int8),
+                                       w(5)], [(2, 3, 5)]),
     "ArgMax": Case([X], [(2, 3)], {"axis": 2, "keepdims": 0}),
     "ArgMin": Case([X], [(2, 3)], {"axis": 2, "keepdims": 0}),
     "Conv": Case([act(2, 3, 8, 8), w(4, 3, 2, 2), w(4)], [(2, 4, 7, 7)]),
@@ -138,6 +148,10 @@ VARIANTS: list[tuple[str, Case]] = [
     (MS + "EmbedLayerNormalization", Case([ids(2, 5), None, w(10, 8), w(16, 8), None, w(8), w(8)], [(2, 5, 8)])),
     ("Tile", Case([act(3, 2, 4), ids(3)], [(3, 4, 8)])),  # repeats unknown: every axis pinned
     ("Pad", Case([X, iconst([1, 0]), None, iconst([1, 2])], [(2, 4, 4)], {"mode": "edge"})),  # opset 18 axes
+    ("MatMulInteger", Case([act(2, 3, 4), i8(4, 5), np.uint8(3), np.zeros((1, 5), np.int8)], [(2, 3, 5)])),
+    ("MatMulInteger", Case([act(2, 3, 4), i8(4, 5), None, np.zeros((2, 4, 5), np.int8)], [(2, 3, 5)], refused=True)),
+    ("DequantizeLinear", Case([i8(10, 4), w(10, 4)], [(10, 4)], refused=True)),  # neither per tensor nor per axis
+    ("QuantizeLinear", Case([act(10, 4), np.float32(0.1), np.int8(3)], [(10, 4)])),
 ]
 
 DTYPES = {"f": TensorProto.FLOAT, "i": TensorProto.INT64, "b": TensorProto.BOOL}
