@@ -46,7 +46,10 @@ def describe_spaces(g: Graph, sol: Solution) -> list[dict]:
             parts = [f"{sol.spaces.info(x).size}" + ("" if x in sol.permuted else " (fixed)") for x in link]
             structure = " x ".join(parts)
             inner = link[-1]
-            if inner in sol.dependent:
+            if c in sol.blocks:
+                structure += (" (quantization blocks: whole blocks move, values move within their block, "
+                              + ("one permutation per block)" if inner in sol.dependent else "one permutation)"))
+            elif inner in sol.dependent:
                 structure += " (whole-head + per-head inner permutations)"
             elif inner in sol.permuted:
                 structure += " (whole-head + shared inner permutation)"
@@ -55,7 +58,8 @@ def describe_spaces(g: Graph, sol: Solution) -> list[dict]:
         else:
             structure = "flat"
         rows.append({"name": name, "size": sol.sizes[c], "structure": structure, "constants": uses[c],
-                     "log10_choices": round(_log10_choices(sol, c), 1)})
+                     "log10_choices": round(_log10_choices(sol, c), 1),
+                     "log2_choices": round(_log10_choices(sol, c) * math.log2(10), 1)})
     return rows
 
 

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph
+from stip.passes.packed import Packing
 from stip.passes.partition import Partition
 from stip.passes.permute import Permutations, fold, inverse
 from stip.passes.solve import Solution, use_key
@@ -100,17 +101,18 @@ class _ConstantFolder:
         return None if np.array_equal(v, np.arange(len(v))) else v.tobytes()
 
     def name_for(self, name: str, idx: int, j: int) -> str:
-        dims = self.g.shapes[name]
+        packing = self.sol.views.get(use_key(name, idx, j))  # packed 4-bit values, flattened blocks: packed.py
+        dims = list(packing.shape) if packing else self.g.shapes[name]
         classes = self.sol.classes(use_key(name, idx, j), len(dims))
         keys = tuple(self._axis_key(c, dims[a]) for a, c in enumerate(classes))
-        sig = (name, keys)
+        sig = (name, keys, packing)
         if sig not in self.made:
             value = self.g.constants[name]
             permuted = any(k is not None for k in keys)
             heads = {self.sol.dependent[c] for c, k in zip(classes, keys) if k is not None and c in self.sol.dependent}
             fold_classes = [c if k is not None or c in heads else None for c, k in zip(classes, keys)]
             new = f"{name}.p{len(self.made)}" if permuted else name
-            self._emit(value, fold_classes if permuted else None, new, self.g.dtypes.get(name))
+            self._emit(value, fold_classes if permuted else None, new, self.g.dtypes.get(name), packing)
             self.made[sig] = new
         if self.remaining is not None:
             self.remaining[name] -= 1
@@ -120,7 +122,10 @@ class _ConstantFolder:
             self.progress()
         return self.made[sig]
 
-    def _emit(self, value: np.ndarray, classes: list[int | None] | None, name: str, data_type: int | None) -> None:
+    def _emit(self, value: np.ndarray, classes: list[int | None] | None, name: str, data_type: int | None,
+              packing: Packing | None = None) -> None:
+        if classes is not None and packing is not None:  # packed 4-bit blocks: unpack, fold, repack (inline)
+            value, classes = packing.pack(fold(packing.unpack(value), classes, self.perms), value), None
         if classes is not None:
             for c in classes:  # compose linked vectors here: the worker threads only read them
                 if c is not None and c not in self.sol.dependent:

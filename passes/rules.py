@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stip.passes.packed import Packing
+
 if TYPE_CHECKING:
     from stip.passes.solve import RuleContext
 
@@ -1006,10 +1008,47 @@ def dequantize_linear(ctx: RuleContext) -> None:
             ctx.refuse(f"{ctx.node.op_type} parameter of shape {ctx.shape_in(j)}", "quantize per tensor or per axis")
 
 
-@rule(MS + "MatMulNBits", heavy=True)
+@rule(MS + "MatMulNBits", weights={1: (0, 1)}, heavy=True, lifts={0: (1,)})
 def ms_matmul_nbits(ctx: RuleContext) -> None:
-    ctx.refuse("MatMulNBits (block-quantized weights) is not supported",
-               "compile the float model, then quantize the server graph of the bundle")
+    """A [..., K] @ B^T + bias, B stored as [N, K / block_size, block_size * bits / 8] bytes of `bits`-bit values
+    with one scale (and zero point) per column and block. A permutation of K that crosses block boundaries would
+    change what each block holds (requantizing is not exact), so K is blocks x values-in-block: whole blocks move,
+    values move within their block (one permutation per block), and every block keeps its values, scale and zero
+    point. N moves freely, with its rows of B, scales and zero points. Folding unpacks the 4-bit values."""
+    k, n, bits, bs = (ctx.attr(x, 0) for x in ("K", "N", "bits", "block_size"))
+    if bits not in (4, 8):
+        ctx.refuse(f"MatMulNBits with bits={bits}", "quantize with bits=4 or bits=8")
+    if ctx.has_input(4):
+        ctx.refuse("MatMulNBits with g_idx (act-order: K is regrouped before blocking)", "quantize without act-order")
+    if not bs or not k or k % bs:
+        ctx.refuse(f"MatMulNBits with K={k} not a whole number of blocks of {bs} (the last block is padded)",
+                   "quantize with a block_size that divides K")
+    nb = k // bs
+    x = ctx.shape_in(0)
+    if x[-1] != k or int(np.prod(ctx.shape_in(1))) * 8 != n * k * bits:
+        ctx.refuse(f"MatMulNBits weight of shape {ctx.shape_in(1)} is not N={n} x K={k} at {bits} bits",
+                   "re-export the quantized model")
+    ctx.view(1, Packing((n, nb, bs), bits))
+    for j in (2, 3):
+        if ctx.has_input(j):
+            ctx.view(j, Packing((n, nb), bits if j == 3 and not ctx.is_float(j) else 8))
+    out = ctx.ax_out(0, len(x) - 1)
+    for a in range(len(x) - 1):
+        if x[a] != 1:
+            ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, a))
+    if nb == 1:  # one block: the whole of K permutes freely inside it
+        block, inner = None, ctx.ax_in(0, len(x) - 1)
+    else:
+        block, inner = ctx.blocks(ctx.ax_in(0, len(x) - 1), nb, bs)
+    ctx.eq(ctx.ax_in(1, 0), out)
+    ctx.eq(ctx.ax_in(1, 2), inner)
+    for j in (1, 2, 3):
+        if ctx.has_input(j):
+            ctx.eq(ctx.ax_in(j, 0), out)
+            if block is not None:
+                ctx.eq(ctx.ax_in(j, 1), block)
+    if ctx.has_input(5):
+        ctx.eq(ctx.ax_in(5, 0), out)
 
 
 def fallback(ctx: RuleContext) -> None:

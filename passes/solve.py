@@ -14,6 +14,7 @@ import numpy as np
 from stip.passes.axes import sinusoid_position_table
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph
+from stip.passes.packed import Packing
 from stip.passes.rules import contract, op_key
 from stip.passes.spaces import SpaceConflict, Spaces
 from stip.passes.values import symbolic_values
@@ -51,7 +52,16 @@ class RuleContext:
         return use_key(name, self.idx, j) if name in self.s.g.constants else name
 
     def shape_in(self, j: int) -> list:
-        return self.s.shape(self.node.input[j])
+        view = self.s.views.get(self.in_key(j))
+        return list(view.shape) if view is not None else self.s.shape(self.node.input[j])
+
+    def view(self, j: int, packing: Packing) -> None:
+        """See constant input j through its logical layout (packed 4-bit values, flattened block tables): its
+        axes are then the view's, and folding unpacks, permutes and repacks it (packed.py)."""
+        if self.node.input[j] not in self.s.g.constants:
+            self.refuse(f"input {j} ('{self.node.input[j]}') is packed but not a constant",
+                        "store it as an initializer")
+        self.s.views[self.in_key(j)] = packing
 
     def shape_out(self, k: int) -> list:
         return self.s.shape(self.node.output[k])
@@ -106,6 +116,14 @@ class RuleContext:
             whole = self.fresh(_structured_size(self.s.spaces, kind, parts))
         self.s.spaces.link(whole, parts, kind)
         return whole
+
+    def blocks(self, whole: int, n_blocks: int, block_size: int) -> tuple[int, int]:
+        """Split `whole` into quantization blocks (n_blocks x block_size, row-major): a permutation of it must
+        move whole blocks and permute within them, so every block keeps its values and its scale."""
+        nb, inner = self.fresh(n_blocks), self.fresh(block_size)
+        self.structure(whole, "prod", [nb, inner])
+        self.s.blocks.append((whole, nb, inner))
+        return nb, inner
 
     def fresh(self, size: int | str | None) -> int:
         """A new axis class that belongs to no tensor (a block or factor of a packed axis)."""
@@ -163,6 +181,8 @@ class Solution:
     dependent: dict[int, int]  # inner class -> head class whose position selects its per-head permutation
     blockers: list[Blocker] = field(default_factory=list)
     post_tail: frozenset[int] = frozenset()  # nodes after the last weight that run in plaintext in post
+    views: dict[str, Packing] = field(default_factory=dict)  # constant use -> its logical layout (packed.py)
+    blocks: frozenset[int] = frozenset()  # classes split as quantization blocks x values in a block (MatMulNBits)
 
     def classes(self, key: str, rank: int) -> list[int | None]:
         """Class of each axis of a tensor (or constant use), None where the axis is not permuted."""
@@ -187,6 +207,8 @@ class Solver:
         self.g = g
         self.spaces = Spaces()
         self.skip = skip  # nodes that run in post on plaintext: no rule, their outputs are never permuted
+        self.views: dict[str, Packing] = {}
+        self.blocks: list[tuple[int, int, int]] = []  # (whole, blocks, inner) of each blocks() split
         self._static: set[str] = set()  # integer tensors computed from constants only
         self.sym_values = symbolic_values(g) if values is None else values[0]
         self.values = {k: v.astype(np.int64) for k, v in self.sym_values.items()
@@ -227,8 +249,11 @@ class Solver:
         permuted, sizes = self._permuted_classes()
         blockers += self._feature_checks(permuted)
         dependent = self._dependent_inner(permuted)
-        names = name_spaces(self, permuted, dependent)
-        return Solution(g, self.spaces, names, sizes, dependent, blockers)
+        sp = self.spaces
+        blocks = frozenset(sp.find(w) for w, b, i in self.blocks if sp.link_of(w) == (sp.find(b), sp.find(i)))
+        parts = frozenset(sp.find(x) for _, b, i in self.blocks for x in (b, i))
+        names = name_spaces(self, permuted, dependent, blocks, parts)
+        return Solution(g, self.spaces, names, sizes, dependent, blockers, views=self.views, blocks=blocks)
 
     def apply(self, idx: int) -> Blocker | None:
         """Run one node's rule; a refusal or a conflict becomes a blocker that names the node."""
@@ -412,7 +437,10 @@ class Solver:
             if not link or sp.kind_of(r) != "prod":
                 continue
             for k, i in enumerate(link):
-                if k == 0 or i not in permuted or sp.link_of(i):
+                if k == 0:  # a head (or an outer factor) cannot itself vary per head: a block of heads inside
+                    head_of[i] = None  # a quantization block (o_proj's K refined as blocks x heads x head_dim)
+                    continue
+                if i not in permuted or sp.link_of(i):
                     continue
                 h = link[k - 1] if len(link) == 2 and k == 1 else None
                 if h is None or h not in permuted:
@@ -486,7 +514,8 @@ def _feature_axes(node, j: int, value: np.ndarray) -> list[int]:
     return sorted({a % value.ndim for a in contract(node).weights.get(j, ())})
 
 
-def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, int]) -> dict[int, str]:
+def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, int],
+                blocks: frozenset[int] = frozenset(), block_parts: frozenset[int] = frozenset()) -> dict[int, str]:
     """Human names in STIP.md's vocabulary: hidden, layerN.heads / .qk / .v / .ffn, out, rotary.
 
     Heuristic, for reports only: the class with most member axes is `hidden`; (heads x head_dim) products are
@@ -523,7 +552,7 @@ def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, i
         link = sp.link_of(c)
         return link if link and sp.kind_of(c) == "prod" else None
 
-    pairs = {c: prod(c) for c in permuted if prod(c) and len(prod(c)) == 2}
+    pairs = {c: prod(c) for c in permuted if prod(c) and len(prod(c)) == 2 and c not in blocks | block_parts}
     grouped = {h for h, _ in pairs.values() if prod(h)}  # GQA: query heads = (kv group, head in group)
     heads = sorted({h for h, _ in pairs.values() if h in permuted and h not in grouped}, key=first)
     layer_of = {h: i for i, h in enumerate(heads)}
@@ -566,6 +595,11 @@ def name_spaces(solver: Solver, permuted: dict[int, str], dependent: dict[int, i
             names[c] = f"layer{layer}.ffn" + (f"{k}" if k else "")
         else:
             names[c] = "dense"
+    for c in sorted(blocks & set(permuted), key=first):  # quantization blocks: named after the axis they split
+        block, inner = sp.link_of(c)
+        for part, suffix in ((block, "blocks"), (inner, "block_inner")):
+            if part in permuted and names.get(part) in (None, "dense", "embedding", "out"):
+                names[part] = f"{names[c]}.{suffix}"
     # disambiguate duplicates (two outputs, two qk spaces sharing heads, ...)
     seen: dict[str, int] = {}
     for c in sorted(permuted, key=first):

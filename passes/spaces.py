@@ -89,6 +89,9 @@ class Spaces:
         if ka == kb == "cat" and la != lb:
             self._unify_cat(la, lb)
             return
+        if ka == kb == "prod" and la != lb and not self._same_sizes(la, lb):
+            self._unify_prod(la, lb)
+            return
         if ka != kb or len(la) != len(lb):
             raise SpaceConflict(f"axis structured as {_describe(self, ka, la)} in one place and "
                                 f"{_describe(self, kb, lb)} in another")
@@ -113,6 +116,40 @@ class Spaces:
         segs_b = self._refine(lb, sb, cuts)
         for x, y in zip(segs_a, segs_b):
             self.union(x, y)
+
+    def _same_sizes(self, la: tuple[int, ...], lb: tuple[int, ...]) -> bool:
+        return [self.info(x).size for x in la] == [self.info(x).size for x in lb]
+
+    def _unify_prod(self, la: tuple[int, ...], lb: tuple[int, ...]) -> None:
+        """Two row-major factorings of one axis (heads x head_dim = 4 x 8 in attention, blocks x block = 2 x 16
+        in a block-quantized weight) meet on their common refinement (2 x 2 x 8) when every stride of one
+        divides or is divided by every stride of the other; otherwise no permutation keeps both structures."""
+        sa = [self.info(x).size for x in la]
+        sb = [self.info(x).size for x in lb]
+        strides = sorted({*_strides(sa), *_strides(sb)}) if all(isinstance(v, int) and v > 0 for v in sa + sb) \
+            else []
+        if not strides or _product(sa) != _product(sb) or any(b % a for a, b in zip(strides, strides[1:])):
+            raise SpaceConflict(f"axis structured as {_describe(self, 'prod', la)} in one place and "
+                                f"{_describe(self, 'prod', lb)} in another")
+        for x, y in zip(self._refine_prod(la, sa, strides), self._refine_prod(lb, sb, strides)):
+            self.union(x, y)
+
+    def _refine_prod(self, parts: tuple[int, ...], sizes: list[int], strides: list[int]) -> list[int]:
+        out: list[int] = []
+        hi = _product(sizes)
+        for part, size in zip(parts, sizes):
+            lo = hi // size
+            cuts = [t for t in reversed(strides) if lo <= t <= hi]  # outer to inner
+            if size == 1:  # a broadcast factor: never permuted, and absent from the other factoring's strides
+                pass
+            elif len(cuts) == 2:
+                out.append(part)
+            else:
+                pieces = [self.fresh(a // b) for a, b in zip(cuts, cuts[1:])]
+                self.link(part, pieces, "prod")
+                out.extend(pieces)
+            hi = lo
+        return out
 
     def _refine(self, parts: tuple[int, ...], sizes: list[int], cuts: list[int]) -> list[int]:
         out: list[int] = []
@@ -161,6 +198,22 @@ def _cumsum(sizes: list[int]) -> list[int]:
         total += v
         out.append(total)
     return out
+
+
+def _strides(sizes: list[int]) -> list[int]:
+    """Row-major strides of a factoring, with the total: 4 x 8 -> 1, 8, 32."""
+    out, total = [1], 1
+    for v in reversed(sizes):
+        total *= v
+        out.append(total)
+    return out
+
+
+def _product(sizes: list) -> int:
+    total = 1
+    for v in sizes:
+        total *= v
+    return total
 
 
 def _describe(sp: Spaces, kind: str, parts: tuple[int, ...]) -> str:

@@ -201,10 +201,11 @@ def test_refused_variants_name_op_reason_and_remedy(tmp_path):
     msg = refusal(tmp_path, nodes, inits)
     assert "GroupQueryAttention node 'gqa'" in msg and "quantized KV cache" in msg
 
-    nodes = [helper.make_node("MatMulNBits", ["h", "q", "s"], ["y"], name="mm4", domain=MS, K=D, N=8, bits=4,
-                              block_size=16)]
-    msg = refusal(tmp_path, nodes, [const("q", np.zeros((8, 1, 8)), np.uint8), weight("s", 8)])
-    assert "MatMulNBits node 'mm4'" in msg and "quantize the server graph" in msg
+    nodes = [helper.make_node("MatMulNBits", ["h", "q", "s", "", "g"], ["y"], name="mm4", domain=MS, K=D, N=8,
+                              bits=4, block_size=16)]  # act-order: g_idx regroups K before blocking
+    msg = refusal(tmp_path, nodes, [const("q", np.zeros((8, 1, 8)), np.uint8), weight("s", 8),
+                                    const("g", np.zeros(D), np.int32)])
+    assert "MatMulNBits node 'mm4'" in msg and "g_idx" in msg and "without act-order" in msg
 
 
 def test_multi_head_attention_packed_is_refused(tmp_path):

@@ -43,6 +43,10 @@ def i8(*shape):
     return RNG.integers(-128, 128, shape).astype(np.int8)
 
 
+def u8(*shape):
+    return RNG.integers(0, 256, shape).astype(np.uint8)
+
+
 def iconst(values):
     return np.asarray(values, dtype=np.int64)
 
@@ -107,8 +111,8 @@ CASES.update({
     "Size": Case([X], [()]),
     "Einsum": Case([X, w(4, 5)], [(2, 3, 5)], {"equation": "bsd,de->bse"}),
     "Attention": Case([act(2, 2, 5, 4)] * 3, [(2, 2, 5, 4)]),
-    MS + "MatMulNBits": Case([act(2, 3, 8), iconst(np.zeros((4, 1, 4))), w(4)], [(2, 3, 4)],
-                             {"K": 8, "N": 4, "bits": 4, "block_size": 16}, refused=True),
+    MS + "MatMulNBits": Case([act(2, 3, 32), u8(4, 2, 8), w(4, 2), u8(4, 1), None, w(4)], [(2, 3, 4)],
+                             {"K": 32, "N": 4, "bits": 4, "block_size": 16}),
     MS + "Attention": Case([act(2, 5, 8), w(8, 24), w(24), ids(2), None, act(1, 2, 5, 5)], [(2, 5, 8)],
                            {"num_heads": 2}),
     MS + "MultiHeadAttention": Case(
@@ -152,6 +156,14 @@ VARIANTS: list[tuple[str, Case]] = [
     ("MatMulInteger", Case([act(2, 3, 4), i8(4, 5), None, np.zeros((2, 4, 5), np.int8)], [(2, 3, 5)], refused=True)),
     ("DequantizeLinear", Case([i8(10, 4), w(10, 4)], [(10, 4)], refused=True)),  # neither per tensor nor per axis
     ("QuantizeLinear", Case([act(10, 4), np.float32(0.1), np.int8(3)], [(10, 4)])),
+    (MS + "MatMulNBits", Case([act(2, 3, 32), u8(4 * 2 * 16), w(8), w(8)], [(2, 3, 4)],  # flat, 8 bits, float zp
+                              {"K": 32, "N": 4, "bits": 8, "block_size": 16})),
+    (MS + "MatMulNBits", Case([act(2, 3, 16), u8(4, 1, 8), w(4)], [(2, 3, 4)],  # one block: K permutes freely
+                              {"K": 16, "N": 4, "bits": 4, "block_size": 16})),
+    (MS + "MatMulNBits", Case([act(2, 3, 24), u8(4, 2, 8), w(4, 2)], [(2, 3, 4)],  # K=24 pads its last block
+                              {"K": 24, "N": 4, "bits": 4, "block_size": 16}, refused=True)),
+    (MS + "MatMulNBits", Case([act(2, 3, 32), u8(4, 2, 4), w(4, 2)], [(2, 3, 4)],
+                              {"K": 32, "N": 4, "bits": 2, "block_size": 16}, refused=True)),
 ]
 
 DTYPES = {"f": TensorProto.FLOAT, "i": TensorProto.INT64, "b": TensorProto.BOOL}
