@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from stip.passes.build import add_initializer
+from stip.passes.build import SUB_BYTE, add_initializer
 from stip.passes.errors import StipError
 
 ALIGN = 4096
@@ -49,7 +49,7 @@ class ExternalWriter:
         self._pos = 0
 
     def __call__(self, graph: onnx.GraphProto, arr: np.ndarray, name: str, data_type: int | None = None) -> None:
-        if arr.nbytes < INLINE_BYTES or arr.dtype.kind in "OUS":
+        if arr.nbytes < INLINE_BYTES or arr.dtype.kind in "OUS" or arr.dtype.name in SUB_BYTE:  # packed: inline
             add_initializer(graph, arr, name, data_type)
             return
         aligned = self._pos + (-self._pos % ALIGN)

@@ -46,11 +46,14 @@ def _value_info(g: Graph, name: str, new_name: str | None = None) -> onnx.ValueI
     return helper.make_tensor_value_info(new_name or name, g.dtypes.get(name, TensorProto.FLOAT), dims)
 
 
+SUB_BYTE = ("int4", "uint4", "float4_e2m1fn")  # ml_dtypes' names
+
+
 def add_initializer(graph: onnx.GraphProto, arr: np.ndarray, name: str, data_type: int | None = None) -> None:
     """Write a tensor straight into the graph: one copy of the bytes, not the three that make_graph/make_model do.
     `data_type` (the original's) keeps a bf16 tensor bf16 even when it arrives as raw uint16 words."""
     t = graph.initializer.add()
-    if arr.dtype.kind in "OUS":
+    if arr.dtype.kind in "OUS" or arr.dtype.name in SUB_BYTE:  # onnx packs 4-bit values two to a byte
         t.CopyFrom(numpy_helper.from_array(arr, name))
         return
     t.name = name

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stip.passes.packed import Packing
+from stip.passes.spaces import SpaceConflict
 
 if TYPE_CHECKING:
     from stip.passes.solve import RuleContext
@@ -994,18 +995,49 @@ def ms_matmul_integer_to_float(ctx: RuleContext) -> None:
 def dequantize_linear(ctx: RuleContext) -> None:
     """(x - zero_point) * scale (or its inverse, round(x / scale) + zero_point), elementwise: per-tensor
     parameters have no axes; per-axis ones (1-D, `axis`) share x's axis and take its permutation, as a bias does.
-    Blocked quantization (block_size) is pinned."""
+    Blocked quantization (block_size): see _blocked_quantize_linear."""
     rank = len(ctx.shape_in(0))
     broadcast_into(ctx, 0)
-    if ctx.attr("block_size", 0):
-        ctx.fix_all(f"blocked {ctx.node.op_type}")
-        return
     axis = ctx.attr("axis", 1) % max(rank, 1)
+    if ctx.attr("block_size", 0):
+        _blocked_quantize_linear(ctx, axis, ctx.attr("block_size", 0))
+        return
     for j in (1, 2):
         if ctx.has_input(j) and len(ctx.shape_in(j)) == 1 and ctx.shape_in(j)[0] != 1:
             ctx.eq(ctx.ax_in(j, 0), ctx.ax_in(0, axis))
         elif ctx.has_input(j) and any(d != 1 for d in ctx.shape_in(j)):
             ctx.refuse(f"{ctx.node.op_type} parameter of shape {ctx.shape_in(j)}", "quantize per tensor or per axis")
+
+
+def _blocked_quantize_linear(ctx: RuleContext, axis: int, bs: int) -> None:
+    """Blocked (opset 21) parameters: scale and zero point have x's shape with x's `axis` counted in blocks of
+    `block_size`. That axis is blocks x values-in-block (whole blocks move, values move within their block, as in
+    MatMulNBits), so every block keeps its values and its scale; the other axes are shared as they are."""
+    x, d = ctx.shape_in(0), ctx.shape_in(0)[axis]
+    if not isinstance(d, int) or d % bs:
+        ctx.refuse(f"blocked {ctx.node.op_type} of axis {axis} (size {d}) not a whole number of blocks of {bs}",
+                   "quantize with a block_size that divides that axis")
+    nb = d // bs
+    for j in (1, 2):
+        if ctx.has_input(j) and ctx.shape_in(j) != [nb if a == axis else v for a, v in enumerate(x)]:
+            ctx.refuse(f"blocked {ctx.node.op_type} parameter of shape {ctx.shape_in(j)} for input {x}",
+                       "re-export the quantized model")
+    if nb == 1:
+        block = None
+    else:
+        try:
+            block, _ = ctx.blocks(ctx.ax_in(0, axis), nb, bs)
+        except SpaceConflict as e:
+            ctx.refuse(f"axis {axis} (size {d}) is quantized in {nb} blocks of {bs}, which no permutation keeps "
+                       f"whole together with the other structure of that axis ({e})",
+                       "quantize with a block_size that divides the head size, or is a multiple of it")
+    for j in (1, 2):
+        if ctx.has_input(j):
+            for a, v in enumerate(x):
+                if a != axis and v != 1:
+                    ctx.eq(ctx.ax_in(j, a), ctx.ax_in(0, a))
+                elif a == axis and block is not None:
+                    ctx.eq(ctx.ax_in(j, a), block)
 
 
 @rule(MS + "MatMulNBits", weights={1: (0, 1)}, heavy=True, lifts={0: (1,)})
@@ -1039,7 +1071,12 @@ def ms_matmul_nbits(ctx: RuleContext) -> None:
     if nb == 1:  # one block: the whole of K permutes freely inside it
         block, inner = None, ctx.ax_in(0, len(x) - 1)
     else:
-        block, inner = ctx.blocks(ctx.ax_in(0, len(x) - 1), nb, bs)
+        try:
+            block, inner = ctx.blocks(ctx.ax_in(0, len(x) - 1), nb, bs)
+        except SpaceConflict as e:  # e.g. heads of 12 values read in blocks of 16: a block spans parts of two heads
+            ctx.refuse(f"K={k} is read in {nb} blocks of {bs}, which no permutation keeps whole together with the "
+                       f"other structure of that axis ({e})",
+                       "quantize with a block_size that divides the head size, or is a multiple of it")
     ctx.eq(ctx.ax_in(1, 0), out)
     ctx.eq(ctx.ax_in(1, 2), inner)
     for j in (1, 2, 3):

@@ -504,8 +504,11 @@ def is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8"))
 
 
+QUANTIZED_DTYPES = ("int8", "uint8", "int4", "uint4")  # ml_dtypes names the 4-bit ones
+
+
 def _feature_axes(node, j: int, value: np.ndarray) -> list[int]:
-    if value.ndim >= 2 and value.dtype in (np.int8, np.uint8) and j == 0 and node.op_type in QUANTIZED_TABLE_OPS:
+    if value.ndim >= 2 and value.dtype.name in QUANTIZED_DTYPES and j == 0 and node.op_type in QUANTIZED_TABLE_OPS:
         return [value.ndim - 1]  # an int8 weight or embedding table: gathered, or cast/dequantized first
     if value.ndim >= 2 and value.dtype in (np.int8, np.uint8) and op_key(node) in INTEGER_WEIGHT_OPS:
         return sorted({a % value.ndim for a in contract(node).weights.get(j, ())})  # used as int8 (or packed)

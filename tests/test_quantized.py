@@ -7,6 +7,8 @@ parameters; the int8 weights reach the server as the original's bytes moved by t
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -182,3 +184,128 @@ def test_operator_format_quantization_is_refused_with_the_way_out(zoo, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "QLinearMatMul" in err[0] and "QuantFormat.QDQ" in err[0], err
     assert str(path) in err[0] and not (tmp_path / "out").exists()
+
+
+# ---- 4-bit MatMulNBits: blocks along K keep their values, scales and zero points ----
+
+def nbits_llama(zoo, tmp_path, family: str, block_size: int, symmetric: bool):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(zoo.get(family))), block_size=block_size,
+                                     is_symmetric=symmetric)
+    quantizer.process()
+    path = tmp_path / f"{family}-q4-b{block_size}.onnx"
+    onnx.save(quantizer.model.model, str(path))
+    return path
+
+
+def nibbles(b: np.ndarray, n: int, nb: int, bs: int) -> np.ndarray:
+    """[N, nb, bs] 4-bit values of a MatMulNBits weight, written out independently of passes/packed.py."""
+    flat = b.reshape(n, -1)
+    out = np.stack([flat & 15, flat >> 4], axis=-1).reshape(n, -1)
+    return out.reshape(n, nb, bs)
+
+
+@pytest.mark.parametrize("family,block_size,symmetric", [("llama", 16, False), ("llama-cache", 16, False),
+                                                         ("llama", 32, True)])
+def test_matmul_nbits_llama_equals_the_quantized_original(zoo, tmp_path, family, block_size, symmetric):
+    path = nbits_llama(zoo, tmp_path, family, block_size, symmetric)
+    assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(path)).graph.node) == 15  # 2 x 7 + lm_head
+    report = compile_model(path, tmp_path / "out")  # the self-check compares against the quantized original
+    assert report["private_inputs"] == ["input_ids"]
+    checks = verify(tmp_path / "out", path, past=4 if family.endswith("cache") else 0)
+    assert all(c.ok for c in checks) and max(c.max_abs for c in checks) < 1e-5, checks
+    spaces = {s["name"]: s for s in report["spaces"]}
+    assert "quantization blocks" in spaces["hidden"]["structure"] or block_size == 32
+    assert all(s["log2_choices"] > 0 for s in report["spaces"])
+
+
+def test_blocked_qdq_llama_equals_the_quantized_original(zoo, tmp_path):
+    """MatMulNBitsQuantizer's QDQ form: int4 weights, DequantizeLinear with block_size 16 along K (opset 21)."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=16, is_symmetric=False, quant_format=QuantFormat.QDQ)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(zoo.get("llama", opset=18))), algo_config=config)
+    quantizer.process()
+    path = tmp_path / "llama-qdq-int4.onnx"
+    onnx.save(quantizer.model.model, str(path))
+    blocked = [n for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" and a.i == 16 for a in n.attribute)]
+    assert len(blocked) == 15
+    report = compile_model(path, tmp_path / "out")
+    checks = verify(tmp_path / "out", path)
+    assert all(c.ok for c in checks) and max(c.max_abs for c in checks) < 1e-4, checks
+    hidden = next(s for s in report["spaces"] if s["name"] == "hidden")
+    assert hidden["structure"].startswith("2 x 16 (quantization blocks")
+    server = onnx.load(str(tmp_path / "out" / "server" / "model.onnx"))
+    int4 = [t for t in server.graph.initializer if t.data_type in (TensorProto.INT4, TensorProto.UINT4)]
+    assert len(int4) >= 15 and all(len(t.raw_data) * 2 == int(np.prod(t.dims)) for t in int4)  # still packed
+
+
+def test_matmul_nbits_server_weights_keep_every_block(zoo, tmp_path):
+    """On the server, each MatMulNBits weight is the original's 4-bit values under the key: row n' is original
+    row pN[n'], position k' is original position pK[k'] (pK: the permutation of the activation's K axis), and
+    pK maps every block onto one block, so each block keeps its values, scale and zero point."""
+    path = nbits_llama(zoo, tmp_path, "llama", 16, False)
+    g, sol, part, perms, bundle = compile_in_memory(path, seed=9)
+    server = {t.name: numpy_helper.to_array(t) for t in bundle.server.graph.initializer}
+    checked = 0
+    for idx in part.server_nodes:
+        node = g.model.graph.node[idx]
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        n, k, bs = attrs["N"], attrs["K"], attrs["block_size"]
+        nb = k // bs
+        x_rank, y_rank = len(g.shapes[node.input[0]]), len(g.shapes[node.output[0]])
+        ck, cn = sol.classes(node.input[0], x_rank)[-1], sol.classes(node.output[0], y_rank)[-1]
+        pk = perms.vector(ck) if ck is not None else np.arange(k)
+        pn = perms.vector(cn) if cn is not None else np.arange(n)
+        blocks = pk.reshape(nb, bs) // bs
+        assert (blocks == blocks[:, :1]).all()  # every new block is one whole old block
+        srv = bundle.server.graph.node[part.server_nodes.index(idx)]
+        q, q2 = g.constants[node.input[1]], server[srv.input[1]]
+        assert q2.shape == q.shape and q2.dtype == np.uint8
+        v, v2 = nibbles(q, n, nb, bs).reshape(n, k), nibbles(q2, n, nb, bs).reshape(n, k)
+        np.testing.assert_array_equal(v2, v[np.ix_(pn, pk)])
+        s, s2 = g.constants[node.input[2]].reshape(n, nb), server[srv.input[2]].reshape(n, nb)
+        np.testing.assert_array_equal(s2, s[np.ix_(pn, blocks[:, 0])])
+        z, z2 = g.constants[node.input[3]], server[srv.input[3]]
+        zv = np.stack([z & 15, z >> 4], -1).reshape(n, -1)[:, :nb]
+        zv2 = np.stack([z2 & 15, z2 >> 4], -1).reshape(n, -1)[:, :nb]
+        np.testing.assert_array_equal(zv2, zv[np.ix_(pn, blocks[:, 0])])
+        assert not np.array_equal(q2, q)
+        checked += 1
+    assert checked == 15
+
+
+def test_matmul_nbits_key_space_is_reported(zoo, tmp_path, capsys):
+    """stip inspect shows the block structure of K and its key space (log10 of the number of permutations)."""
+    path = nbits_llama(zoo, tmp_path, "llama", 16, False)
+    assert cli.main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    hidden = next(s for s in report["spaces"] if s["name"] == "hidden")
+    assert hidden["structure"].startswith("2 x 16 (quantization blocks")
+    # 2 whole blocks, then one permutation of 16 values per block: log2(2! * 16!^2)
+    expect = np.log2(2) + 2 * sum(np.log2(np.arange(1, 17)))
+    assert abs(hidden["log2_choices"] - expect) < 0.2, hidden
+
+
+def test_matmul_nbits_blocks_that_straddle_heads_are_refused(tmp_path, capsys):
+    """Heads of 12 values read by o_proj in blocks of 16: a block holds parts of two heads, so no permutation keeps
+    both whole heads and whole blocks. One line naming the node, the sizes and the way out; no bundle."""
+    import export_models
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    src = export_models.export_llama(tmp_path / "llama-hd12.onnx", dynamo=False,
+                                     config=export_models.tiny_llama_config(head_dim=12))
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=16)
+    quantizer.process()
+    path = tmp_path / "llama-hd12-q4.onnx"
+    onnx.save(quantizer.model.model, str(path))
+    assert cli.main(["compile", str(path), "-o", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MatMulNBits node" in err[0] and "o_proj" in err[0], err
+    assert "K=48 is read in 3 blocks of 16" in err[0] and "4 x 12" in err[0] and "block_size" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -156,6 +156,10 @@ VARIANTS: list[tuple[str, Case]] = [
     ("MatMulInteger", Case([act(2, 3, 4), i8(4, 5), None, np.zeros((2, 4, 5), np.int8)], [(2, 3, 5)], refused=True)),
     ("DequantizeLinear", Case([i8(10, 4), w(10, 4)], [(10, 4)], refused=True)),  # neither per tensor nor per axis
     ("QuantizeLinear", Case([act(10, 4), np.float32(0.1), np.int8(3)], [(10, 4)])),
+    ("DequantizeLinear", Case([i8(32, 4), w(2, 4), np.zeros((2, 4), np.int8)], [(32, 4)],  # blocks of 16 along K
+                              {"axis": 0, "block_size": 16})),
+    ("QuantizeLinear", Case([act(4, 32), w(4, 2)], [(4, 32)], {"axis": 1, "block_size": 16})),
+    ("DequantizeLinear", Case([i8(24, 4), w(2, 4)], [(24, 4)], {"axis": 0, "block_size": 16}, refused=True)),
     (MS + "MatMulNBits", Case([act(2, 3, 32), u8(4 * 2 * 16), w(8), w(8)], [(2, 3, 4)],  # flat, 8 bits, float zp
                               {"K": 32, "N": 4, "bits": 8, "block_size": 16})),
     (MS + "MatMulNBits", Case([act(2, 3, 16), u8(4, 1, 8), w(4)], [(2, 3, 4)],  # one block: K permutes freely
