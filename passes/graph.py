@@ -226,6 +226,11 @@ def _symbolic_shape_inference():
             for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMin",
                        "ReduceSumSquare"):
                 self.dispatcher_.setdefault(op, self._infer_ReduceMean)
+            # onnxruntime's own fusions of dynamic int8 (session graph optimization) lack handlers: a MatMul on
+            # the quantized inputs, whose float output takes A's type, or the scale's for MatMulIntegerToFloat.
+            self.dispatcher_.setdefault("DynamicQuantizeMatMul", self._infer_MatMul)
+            self.dispatcher_.setdefault("MatMulIntegerToFloat", lambda node: self._compute_matmul_shape(
+                node, self.known_vi_[node.input[2]].type.tensor_type.elem_type))
             for op, handler in list(self.dispatcher_.items()):
                 self.dispatcher_[op] = self._guard(op, handler)
 

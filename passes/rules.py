@@ -254,6 +254,23 @@ def matmul(ctx: RuleContext) -> None:
     _batch(ctx, 1, rb - 2, ro - 2)
 
 
+@rule(MS + "FusedMatMul", weights={1: (-2, -1)}, heavy=True, lifts={0: (1,), 1: (0,)})
+def ms_fused_matmul(ctx: RuleContext) -> None:
+    """alpha * op(A) @ op(B), op a transpose of the last two axes (onnxruntime's MatMul + Transpose/Mul fusion):
+    MatMul's rule with the contraction and free axes swapped where transposed."""
+    a, b, out = ctx.shape_in(0), ctx.shape_in(1), ctx.shape_out(0)
+    ra, rb, ro = len(a), len(b), len(out)
+    if ctx.attr("transBatchA", 0) or ctx.attr("transBatchB", 0) or ra < 2 or rb < 2:
+        ctx.refuse("FusedMatMul with transBatchA/transBatchB or a vector operand is not supported", BEFORE_OPTIMIZER)
+    a_m, a_k = (ra - 1, ra - 2) if ctx.attr("transA", 0) else (ra - 2, ra - 1)
+    b_k, b_n = (rb - 1, rb - 2) if ctx.attr("transB", 0) else (rb - 2, rb - 1)
+    ctx.eq(ctx.ax_in(0, a_k), ctx.ax_in(1, b_k))
+    ctx.eq(ctx.ax_out(0, ro - 2), ctx.ax_in(0, a_m))
+    ctx.eq(ctx.ax_out(0, ro - 1), ctx.ax_in(1, b_n))
+    _batch(ctx, 0, ra - 2, ro - 2)
+    _batch(ctx, 1, rb - 2, ro - 2)
+
+
 def _batch(ctx: RuleContext, j: int, n_in: int, n_out: int) -> None:
     shape = ctx.shape_in(j)
     for i in range(n_in):

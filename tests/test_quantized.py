@@ -53,7 +53,15 @@ def quantized_bert(zoo, tmp_path, form: str):
 
     src, dst = str(zoo.get("bert")), tmp_path / f"bert-{form}.onnx"
     per_channel = form.endswith("per-channel")
-    if form.startswith("dynamic"):
+    if form == "dynamic-fused":  # onnxruntime's own fusion: DynamicQuantizeMatMul, MatMulIntegerToFloat
+        import onnxruntime as ort
+
+        quantize_dynamic(src, str(tmp_path / "unfused.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(dst)
+        ort.InferenceSession(str(tmp_path / "unfused.onnx"), options, providers=["CPUExecutionProvider"])
+    elif form.startswith("dynamic"):
         quantize_dynamic(src, str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
     else:
         reader = type("Reader", (Feeds, CalibrationDataReader), {})()
@@ -61,15 +69,16 @@ def quantized_bert(zoo, tmp_path, form: str):
     return dst
 
 
-FORMS = ["dynamic", "dynamic-per-channel", "qdq", "qdq-per-channel"]
+FORMS = ["dynamic", "dynamic-per-channel", "dynamic-fused", "qdq", "qdq-per-channel"]
+OPS = {"dynamic": {"MatMulInteger", "DynamicQuantizeLinear"}, "qdq": {"QuantizeLinear", "DequantizeLinear"},
+       "dynamic-fused": {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul"}}
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_quantized_bert_equals_the_quantized_original(zoo, tmp_path, form):
     path = quantized_bert(zoo, tmp_path, form)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops if form.startswith("dynamic") else \
-        {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert OPS.get(form, OPS[form.split("-")[0]]) <= ops
     g, sol, part, perms, bundle = compile_in_memory(path, seed=3)
     feeds = bert_feeds()
     ref = run_model(path, feeds)

@@ -83,6 +83,7 @@ CASES.update({
     MS + "SkipLayerNormalization": Case([X, X, w(4), w(4), w(4)], [(2, 3, 4), (2, 3, 1), (2, 3, 1), (2, 3, 4)]),
     MS + "SkipSimplifiedLayerNormalization": Case([X, X, w(4), w(4)], [(2, 3, 4), (2, 3, 1), (2, 3, 1), (2, 3, 4)]),
     "MatMul": Case([X, w(4, 5)], [(2, 3, 5)]),
+    MS + "FusedMatMul": Case([act(2, 2, 3, 4), act(2, 2, 5, 4)], [(2, 2, 3, 5)], {"transB": 1, "alpha": 0.5}),
     "Gemm": Case([act(3, 4), w(5, 4), w(5)], [(3, 5)], {"transB": 1}),
     "Transpose": Case([X], [(2, 4, 3)], {"perm": [0, 2, 1]}),
     "Reshape": Case([act(2, 3, 8), iconst([2, 3, 2, 4])], [(2, 3, 2, 4)]),
@@ -159,6 +160,8 @@ VARIANTS: list[tuple[str, Case]] = [
     ("DequantizeLinear", Case([i8(32, 4), w(2, 4), np.zeros((2, 4), np.int8)], [(32, 4)],  # blocks of 16 along K
                               {"axis": 0, "block_size": 16})),
     ("QuantizeLinear", Case([act(4, 32), w(4, 2)], [(4, 32)], {"axis": 1, "block_size": 16})),
+    (MS + "FusedMatMul", Case([act(4, 3), w(4, 5)], [(3, 5)], {"transA": 1})),
+    (MS + "FusedMatMul", Case([act(2, 3, 4), w(2, 4, 5)], [(3, 2, 5)], {"transBatchA": 1}, refused=True)),
     ("DequantizeLinear", Case([i8(24, 4), w(2, 4)], [(24, 4)], {"axis": 0, "block_size": 16}, refused=True)),
     (MS + "MatMulNBits", Case([act(2, 3, 32), u8(4 * 2 * 16), w(8), w(8)], [(2, 3, 4)],  # flat, 8 bits, float zp
                               {"K": 32, "N": 4, "bits": 8, "block_size": 16})),
