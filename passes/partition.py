@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph
-from stip.passes.rules import SHAPE_ONLY, contract
+from stip.passes.rules import SHAPE_ONLY, contract, op_key
 from stip.passes.solve import Solution
 
 
@@ -157,6 +157,9 @@ def _static_producers(g: Graph, t: str) -> list[int] | None:
     return out
 
 
+HEAD_OPS = ("MatMul", "Gemm", "com.microsoft:MatMulNBits", "com.microsoft:FusedMatMul")  # a weight times x
+
+
 def lm_head_tail(g: Graph, output: str, max_nodes: int = 8) -> tuple[list[int], str]:
     """The nodes from the last weight MatMul/Gemm to `output` (a chain), and that MatMul's activation input."""
     nodes = g.model.graph.node
@@ -170,7 +173,7 @@ def lm_head_tail(g: Graph, output: str, max_nodes: int = 8) -> tuple[list[int], 
         tail.append(p)
         static = {x: _static_producers(g, x) for x in n.input if x}
         acts = [x for x, chain in static.items() if chain is None]
-        if n.op_type in ("MatMul", "Gemm") and len(acts) == 1 and any(
+        if op_key(n) in HEAD_OPS and len(acts) == 1 and any(
                 static[x] is not None for x in n.input[:2] if x):
             for chain in static.values():
                 tail += chain or []

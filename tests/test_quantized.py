@@ -229,6 +229,21 @@ def test_matmul_nbits_llama_equals_the_quantized_original(zoo, tmp_path, family,
     assert all(s["log2_choices"] > 0 for s in report["spaces"])
 
 
+@pytest.mark.parametrize("head", ["server", "client"])
+def test_matmul_nbits_greedy_generation_is_identical(zoo, tmp_path, head):
+    """Tokens generated through the bundle (KV cache on the server) are the quantized original's; with --head
+    client, post holds the 4-bit LM head, its K axis permuted by blocks and the vocabulary in plain order."""
+    from stip.runtime.generate import StipGenerator, generate_plaintext
+
+    path = nbits_llama(zoo, tmp_path, "llama-cache", 16, False)
+    compile_model(path, tmp_path / "out", head=head, max_context=64)
+    prompt = [5, 9, 17, 3, 44]
+    assert list(StipGenerator(tmp_path / "out", device="cpu").generate(prompt, 24)) == \
+        generate_plaintext(path, prompt, 24)
+    post = onnx.load(str(tmp_path / "out" / "client" / "post.onnx"))
+    assert ("MatMulNBits" in {n.op_type for n in post.graph.node}) == (head == "client")
+
+
 def test_blocked_qdq_llama_equals_the_quantized_original(zoo, tmp_path):
     """MatMulNBitsQuantizer's QDQ form: int4 weights, DequantizeLinear with block_size 16 along K (opset 21)."""
     from onnxruntime.quantization import QuantFormat
