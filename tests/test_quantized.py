@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from stip.compiler import cli
 from stip.compiler.pipeline import compile_model
+from stip.compiler.selfcheck import QUANTIZED_ACTIVATIONS
 from stip.passes.solve import use_key
 from stip.runtime.verify import verify
 
@@ -87,8 +88,8 @@ def test_quantized_bert_equals_the_quantized_original(zoo, tmp_path, form):
     assert {"hidden", "out"} <= set(sol.permuted.values())
     report = compile_model(path, tmp_path / "out")  # the self-check compares against the quantized original
     assert report["private_inputs"] == ["input_ids", "token_type_ids"]
-    checks = verify(tmp_path / "out", path)
-    assert all(c.ok for c in checks) and max(c.max_abs for c in checks) < 1e-5, checks
+    checks = verify(tmp_path / "out", path)  # a fresh random key: a rare value may cross a rounding boundary
+    assert max(c.max_abs / max(1.0, c.scale) for c in checks) <= QUANTIZED_ACTIVATIONS, checks
 
 
 def _int8_weights(g, node_ids, op_inputs):
@@ -179,7 +180,33 @@ def test_cli_compiles_and_verifies_a_quantized_model(zoo, tmp_path, capsys):
     path = quantized_bert(zoo, tmp_path, "dynamic-per-channel")
     assert cli.main(["compile", str(path), "-o", str(tmp_path / "out"), "-q"]) == 0
     assert cli.main(["verify", str(tmp_path / "out"), "--original", str(path)]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "DynamicQuantizeLinear node" in out and "quantizes activations at run time" in out, out
+
+
+def test_relaxed_check_still_catches_a_wrong_quantized_bundle(zoo, tmp_path, monkeypatch):
+    """The self-check's allowance for quantization steps (QUANTIZED_ACTIVATIONS) must not hide a rule bug: a
+    MatMulInteger rule that leaves per-channel uint8 zero points in plaintext order is refused at compile."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from stip.passes import rules
+    from stip.passes.errors import StipError
+
+    def zero_points_ignored(ctx):
+        rules.matmul(ctx)
+        for j in (2, 3):
+            if ctx.has_input(j):
+                for a in range(len(ctx.shape_in(j))):
+                    ctx.ax_in(j, a)  # seen, related to nothing: stays unpermuted
+
+    path = tmp_path / "bert-uint8.onnx"
+    quantize_dynamic(str(zoo.get("bert")), str(path), weight_type=QuantType.QUInt8, per_channel=True)
+    contract = rules.OPS["MatMulInteger"]
+    monkeypatch.setitem(rules.OPS, "MatMulInteger", rules.OpContract(zero_points_ignored, contract.weights, True,
+                                                                      contract.lifts))
+    with pytest.raises(StipError, match="self-check failed"):
+        compile_model(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_operator_format_quantization_is_refused_with_the_way_out(zoo, tmp_path, capsys):
