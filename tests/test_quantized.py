@@ -62,15 +62,16 @@ def quantized_bert(zoo, tmp_path, form: str):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(dst)
         ort.InferenceSession(str(tmp_path / "unfused.onnx"), options, providers=["CPUExecutionProvider"])
-    elif form.startswith("dynamic"):
-        quantize_dynamic(src, str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+    elif form.startswith("dynamic"):  # uint8 weights are asymmetric: per-channel zero points that are not 0
+        weight_type = QuantType.QUInt8 if "uint8" in form else QuantType.QInt8
+        quantize_dynamic(src, str(dst), weight_type=weight_type, per_channel=per_channel)
     else:
         reader = type("Reader", (Feeds, CalibrationDataReader), {})()
         quantize_static(src, str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel)
     return dst
 
 
-FORMS = ["dynamic", "dynamic-per-channel", "dynamic-fused", "qdq", "qdq-per-channel"]
+FORMS = ["dynamic", "dynamic-per-channel", "dynamic-uint8-per-channel", "dynamic-fused", "qdq", "qdq-per-channel"]
 OPS = {"dynamic": {"MatMulInteger", "DynamicQuantizeLinear"}, "qdq": {"QuantizeLinear", "DequantizeLinear"},
        "dynamic-fused": {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul"}}
 
@@ -104,7 +105,7 @@ def _int8_weights(g, node_ids, op_inputs):
     return out
 
 
-@pytest.mark.parametrize("form", ["dynamic-per-channel", "qdq-per-channel"])
+@pytest.mark.parametrize("form", ["dynamic-per-channel", "dynamic-uint8-per-channel", "qdq-per-channel"])
 def test_server_int8_weights_are_the_originals_moved_by_the_key(zoo, tmp_path, form):
     """Every int8 weight and per-channel zero point on the server is the original's bytes, with each axis
     gathered by its space's permutation from the key (no requantization), and the weights are really moved."""
@@ -126,6 +127,9 @@ def test_server_int8_weights_are_the_originals_moved_by_the_key(zoo, tmp_path, f
         moved += q.ndim == 2 and not np.array_equal(got, q)
     matrices = sum(original[x].ndim == 2 for _, _, x in uses)
     assert matrices >= 12 and moved == matrices  # every int8 matrix of the encoder, each permuted
+    if "uint8" in form:  # asymmetric: the per-channel zero points differ, so moving them is observable
+        zps = [original[x] for _, j, x in uses if j == 3 and original[x].ndim == 1]
+        assert len(zps) >= 12 and all(len(set(z.tolist())) > 1 for z in zps)
 
 
 # ---- weight-only int8: int8 initializer -> Cast -> Mul by a scale -> MatMul, built by hand ----
