@@ -11,8 +11,8 @@ from stip.passes.graph import Graph
 
 # Quantized ops with no permutation rule: the QLinear* family computes on quantized activations with a
 # requantization after every op, and the rest are fused forms nothing here produces. The supported forms
-# (DynamicQuantizeLinear + MatMulInteger, QDQ, weight-only int8, MatMulNBits) have rules in rules.py.
-QUANTIZED_OPS = {"QLinearMatMul", "QLinearConv", "ConvInteger", "QAttention", "QGemm", "QLinearAdd", "QLinearMul",
+# (DynamicQuantizeLinear + MatMulInteger/ConvInteger, QDQ, weight-only int8, MatMulNBits) have rules in rules.py.
+QUANTIZED_OPS = {"QLinearMatMul", "QLinearConv", "QAttention", "QGemm", "QLinearAdd", "QLinearMul",
                  "QOrderedMatMul", "DynamicQuantizeLSTM", "QLinearSoftmax", "QLinearConcat", "QLinearLeakyRelu",
                  "QLinearSigmoid", "QLinearAveragePool", "QLinearGlobalAveragePool", "QEmbedLayerNormalization"}
 QUANT_ADVICE = ("quantize with onnxruntime.quantization.quantize_dynamic, or quantize_static with "

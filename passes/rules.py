@@ -627,7 +627,7 @@ def argmax(ctx: RuleContext) -> None:
         o += 1
 
 
-def _conv_family(ctx: RuleContext, w_in: int, w_out: int) -> None:
+def _conv_family(ctx: RuleContext, w_in: int, w_out: int, bias: int | None = 2) -> None:
     """Channels behave like a matmul (the weight's axes w_in and w_out absorb both sides); spatial and kernel axes
     are positional; grouped channels are pinned."""
     op = ctx.node.op_type
@@ -644,14 +644,24 @@ def _conv_family(ctx: RuleContext, w_in: int, w_out: int) -> None:
         ctx.fix(ctx.ax_out(0, a), f"{op} spatial axis")
     for a in range(2, len(w)):
         ctx.fix(ctx.ax_in(1, a), f"{op} kernel axis")
-    if len(ctx.node.input) > 2 and ctx.node.input[2]:
-        ctx.eq(ctx.ax_in(2, 0), ctx.ax_out(0, 1))
+    if bias is not None and ctx.has_input(bias):
+        ctx.eq(ctx.ax_in(bias, 0), ctx.ax_out(0, 1))
 
 
 @rule("Conv", weights={1: (0,)}, lifts={0: (1,)})
 def conv(ctx: RuleContext) -> None:
     """Weight [C_out, C_in/group, k...]."""
     _conv_family(ctx, w_in=1, w_out=0)
+
+
+@rule("ConvInteger", weights={1: (0,)}, lifts={0: (1,)})
+def conv_integer(ctx: RuleContext) -> None:
+    """Conv on (x - x_zero_point) and (w - w_zero_point) in int32, exactly (quantize_dynamic's Conv): x's zero
+    point is per tensor, w's per tensor or one per output channel, moving with it."""
+    _conv_family(ctx, w_in=1, w_out=0, bias=None)
+    if ctx.has_input(2) and any(d != 1 for d in ctx.shape_in(2)):
+        ctx.refuse(f"ConvInteger x_zero_point of shape {ctx.shape_in(2)}", "quantize x per tensor")
+    _params_along(ctx, 3, ctx.ax_out(0, 1), "ConvInteger w_zero_point")
 
 
 @rule("ConvTranspose", weights={1: (0,)})

@@ -20,7 +20,7 @@ from stip.compiler import cli
 from stip.compiler.pipeline import compile_model
 from stip.compiler.selfcheck import QUANTIZED_ACTIVATIONS
 from stip.passes.solve import use_key
-from stip.runtime.verify import verify
+from stip.runtime.verify import random_feeds, verify
 
 RNG = np.random.default_rng(11)
 
@@ -91,6 +91,21 @@ def test_quantized_bert_equals_the_quantized_original(zoo, tmp_path, form):
     assert report["private_inputs"] == ["input_ids", "token_type_ids"]
     checks = verify(tmp_path / "out", path)  # a fresh random key: a rare value may cross a rounding boundary
     assert max(c.max_abs / max(1.0, c.scale) for c in checks) <= QUANTIZED_ACTIVATIONS, checks
+
+
+def test_dynamic_vit_with_conv_integer_equals_the_quantized_original(zoo, tmp_path):
+    """quantize_dynamic of Conv too: the patch embedding becomes ConvInteger (uint8 weights, per-channel zero
+    points), computed by the client; the permuted features go to the server."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = tmp_path / "vit-dynamic.onnx"
+    quantize_dynamic(str(zoo.get("vit")), str(path), weight_type=QuantType.QUInt8, per_channel=True,
+                     op_types_to_quantize=["Conv", "MatMul"])
+    assert {"ConvInteger", "MatMulInteger"} <= {n.op_type for n in onnx.load(str(path)).graph.node}
+    g, sol, part, perms, bundle = compile_in_memory(path, seed=4)
+    assert "ConvInteger" in {n.op_type for n in bundle.pre.graph.node}
+    feeds = random_feeds(path, batch=2, seed=3)
+    assert_equivalent(run_model(path, feeds), run_three(bundle, feeds), atol=1e-5, rtol=1e-5)
 
 
 def _int8_weights(g, node_ids, op_inputs):

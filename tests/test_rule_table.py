@@ -104,6 +104,7 @@ CASES.update({
     "ArgMax": Case([X], [(2, 3)], {"axis": 2, "keepdims": 0}),
     "ArgMin": Case([X], [(2, 3)], {"axis": 2, "keepdims": 0}),
     "Conv": Case([act(2, 3, 8, 8), w(4, 3, 2, 2), w(4)], [(2, 4, 7, 7)]),
+    "ConvInteger": Case([act(2, 3, 8, 8), i8(4, 3, 2, 2), np.uint8(3), np.zeros(4, np.int8)], [(2, 4, 7, 7)]),
     "ConvTranspose": Case([act(2, 4, 3, 3), w(4, 2, 2, 2), w(2)], [(2, 2, 4, 4)]),
     "Resize": Case([act(2, 4, 3, 3), None, np.array([1, 1, 2, 2], np.float32)], [(2, 4, 6, 6)]),
     "Upsample": Case([act(2, 4, 3, 3), np.array([1, 1, 2, 2], np.float32)], [(2, 4, 6, 6)]),
