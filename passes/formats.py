@@ -9,12 +9,12 @@ from __future__ import annotations
 from stip.passes.errors import StipError
 from stip.passes.graph import Graph
 
-# Quantized ops with no permutation rule: the QLinear* family computes on quantized activations with a
-# requantization after every op, and the rest are fused forms nothing here produces. The supported forms
-# (DynamicQuantizeLinear + MatMulInteger/ConvInteger, QDQ, weight-only int8, MatMulNBits) have rules in rules.py.
-QUANTIZED_OPS = {"QLinearMatMul", "QLinearConv", "QAttention", "QGemm", "QLinearAdd", "QLinearMul",
-                 "QOrderedMatMul", "DynamicQuantizeLSTM", "QLinearSoftmax", "QLinearConcat", "QLinearLeakyRelu",
-                 "QLinearSigmoid", "QLinearAveragePool", "QLinearGlobalAveragePool", "QEmbedLayerNormalization"}
+# Quantized ops with no permutation rule (onnxruntime's QOperator format beyond MatMul/Gemm/Add/Mul/Softmax, and
+# fused forms). The supported forms (DynamicQuantizeLinear + MatMulInteger/ConvInteger, QDQ, QOperator's
+# QLinearMatMul/QGemm/QLinearAdd/QLinearMul/QLinearSoftmax, weight-only int8, MatMulNBits) have rules in rules.py.
+QUANTIZED_OPS = {"QLinearConv", "QAttention", "QOrderedMatMul", "DynamicQuantizeLSTM", "QLinearConcat",
+                 "QLinearAveragePool", "QLinearGlobalAveragePool", "QEmbedLayerNormalization", "QLinearReduceMean",
+                 "QLinearWhere", "QLinearGather"}
 QUANT_ADVICE = ("quantize with onnxruntime.quantization.quantize_dynamic, or quantize_static with "
                 "quant_format=QuantFormat.QDQ (both compile), or compile the float model")
 
@@ -32,5 +32,4 @@ def _quantized_ops(g: Graph) -> str | None:
     found = sorted({n.op_type for n in g.model.graph.node if n.op_type in QUANTIZED_OPS})
     if not found:
         return None
-    return f"quantized with operator-format (QOperator) ops that have no permutation rule ({', '.join(found)}): " \
-        f"{QUANT_ADVICE}"
+    return f"quantized with ops that have no permutation rule ({', '.join(found)}): {QUANT_ADVICE}"

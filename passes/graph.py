@@ -231,8 +231,36 @@ def _symbolic_shape_inference():
             self.dispatcher_.setdefault("DynamicQuantizeMatMul", self._infer_MatMul)
             self.dispatcher_.setdefault("MatMulIntegerToFloat", lambda node: self._compute_matmul_shape(
                 node, self.known_vi_[node.input[2]].type.tensor_type.elem_type))
+            for op in ("QLinearSoftmax", "QLinearSigmoid", "QLinearLeakyRelu"):  # QOperator's elementwise ops
+                self.dispatcher_.setdefault(op, self._pass_on_shape_and_type)
+            self.dispatcher_.setdefault("QGemm", self._stip_qgemm)
+            for op in ("QLinearAdd", "QLinearMul"):  # the tool's handler leaves a merged symbolic dim unknown
+                self.dispatcher_[op] = self._stip_qlinear_binary
             for op, handler in list(self.dispatcher_.items()):
                 self.dispatcher_[op] = self._guard(op, handler)
+
+        def _stip_qgemm(self, node):
+            """QGemm: Gemm's [M, N], quantized like y's zero point (input 8), else float."""
+            from onnx import TensorProto, helper
+
+            a, b = self._get_shape(node, 0), self._get_shape(node, 3)
+            attrs = {x.name: x.i for x in node.attribute}
+            shape = [a[1 if attrs.get("transA") else 0], b[0 if attrs.get("transB") else 1]]
+            zp = node.input[8] if len(node.input) > 8 and node.input[8] else None
+            dtype = self.known_vi_[zp].type.tensor_type.elem_type if zp else TensorProto.FLOAT
+            self.known_vi_[node.output[0]].CopyFrom(helper.make_tensor_value_info(node.output[0], dtype, shape))
+
+        def _stip_qlinear_binary(self, node):
+            """QLinearAdd/Mul: A (0) and B (3) broadcast; two symbolic dims that must agree merge into A's."""
+            from onnx import helper
+
+            a, b = self._get_shape(node, 0), self._get_shape(node, 3)
+            shape = self._broadcast_shapes(a, b)
+            for i in range(1, len(shape) + 1):
+                if shape[-i] is None:
+                    shape[-i] = a[-i] if i <= len(a) else b[-i]
+            dtype = self.known_vi_[node.input[0]].type.tensor_type.elem_type
+            self.known_vi_[node.output[0]].CopyFrom(helper.make_tensor_value_info(node.output[0], dtype, shape))
 
         def _guard(self, op, handler):
             def run(node):

@@ -230,28 +230,29 @@ def layer_norm(ctx: RuleContext) -> None:
 
 
 @rule("MatMul", weights={1: (-2, -1)}, heavy=True, lifts={0: (1,), 1: (0,)})
-def matmul(ctx: RuleContext) -> None:
-    """Contraction axes share a permutation (it cancels); free axes pass through; a constant absorbs both."""
-    a, b, out = ctx.shape_in(0), ctx.shape_in(1), ctx.shape_out(0)
+def matmul(ctx: RuleContext, ia: int = 0, ib: int = 1) -> None:
+    """Contraction axes share a permutation (it cancels); free axes pass through; a constant absorbs both.
+    (ia, ib: the operands' input indices, for the quantized forms that interleave scales.)"""
+    a, b, out = ctx.shape_in(ia), ctx.shape_in(ib), ctx.shape_out(0)
     ra, rb, ro = len(a), len(b), len(out)
     if ra == 1 and rb == 1:
-        ctx.eq(ctx.ax_in(0, 0), ctx.ax_in(1, 0))
+        ctx.eq(ctx.ax_in(ia, 0), ctx.ax_in(ib, 0))
         return
     if ra == 1:
-        ctx.eq(ctx.ax_in(0, 0), ctx.ax_in(1, rb - 2))
-        ctx.eq(ctx.ax_out(0, ro - 1), ctx.ax_in(1, rb - 1))
-        _batch(ctx, 1, rb - 2, ro - 1)
+        ctx.eq(ctx.ax_in(ia, 0), ctx.ax_in(ib, rb - 2))
+        ctx.eq(ctx.ax_out(0, ro - 1), ctx.ax_in(ib, rb - 1))
+        _batch(ctx, ib, rb - 2, ro - 1)
         return
     if rb == 1:
-        ctx.eq(ctx.ax_in(0, ra - 1), ctx.ax_in(1, 0))
+        ctx.eq(ctx.ax_in(ia, ra - 1), ctx.ax_in(ib, 0))
         for i in range(ra - 1):
-            ctx.eq(ctx.ax_in(0, i), ctx.ax_out(0, i))
+            ctx.eq(ctx.ax_in(ia, i), ctx.ax_out(0, i))
         return
-    ctx.eq(ctx.ax_in(0, ra - 1), ctx.ax_in(1, rb - 2))
-    ctx.eq(ctx.ax_out(0, ro - 1), ctx.ax_in(1, rb - 1))
-    ctx.eq(ctx.ax_out(0, ro - 2), ctx.ax_in(0, ra - 2))
-    _batch(ctx, 0, ra - 2, ro - 2)
-    _batch(ctx, 1, rb - 2, ro - 2)
+    ctx.eq(ctx.ax_in(ia, ra - 1), ctx.ax_in(ib, rb - 2))
+    ctx.eq(ctx.ax_out(0, ro - 1), ctx.ax_in(ib, rb - 1))
+    ctx.eq(ctx.ax_out(0, ro - 2), ctx.ax_in(ia, ra - 2))
+    _batch(ctx, ia, ra - 2, ro - 2)
+    _batch(ctx, ib, rb - 2, ro - 2)
 
 
 @rule(MS + "FusedMatMul", weights={1: (-2, -1)}, heavy=True, lifts={0: (1,), 1: (0,)})
@@ -1016,6 +1017,68 @@ def ms_matmul_integer_to_float(ctx: RuleContext) -> None:
     for j, target, what in ((2, k, "a_scale"), (3, n, "b_scale"), (4, k, "a_zero_point"), (5, n, "b_zero_point"),
                             (6, n, "bias")):
         _params_along(ctx, j, target, f"MatMulIntegerToFloat {what}")
+
+
+def _per_tensor(ctx: RuleContext, inputs: tuple[int, ...]) -> None:
+    """Scales and zero points that must be per tensor (their op requantizes every element alike)."""
+    for j in inputs:
+        if ctx.has_input(j) and any(d != 1 for d in ctx.shape_in(j)):
+            ctx.refuse(f"{ctx.node.op_type} input {j} of shape {ctx.shape_in(j)} (not per tensor)",
+                       "quantize activations per tensor")
+
+
+@rule("QLinearMatMul", weights={3: (-2, -1)}, heavy=True, lifts={0: (3,), 3: (0,)})
+def qlinear_matmul(ctx: RuleContext) -> None:
+    """QOperator format: a (0) @ b (3) in integers, requantized per element with y's scale (6) and zero point (7):
+    MatMul's rule; a's parameters (1, 2) per tensor or per row of a, b's (4, 5) per tensor or per column of b,
+    y's per tensor or per row of y."""
+    matmul(ctx, 0, 3)
+    a, b, out = ctx.shape_in(0), ctx.shape_in(3), ctx.shape_out(0)
+    for j, shape, target in ((1, a, (0, len(a) - 2)), (2, a, (0, len(a) - 2)), (4, b, (3, len(b) - 1)),
+                             (5, b, (3, len(b) - 1))):
+        if len(shape) < 2:
+            _per_tensor(ctx, (j,))
+        else:
+            _params_along(ctx, j, ctx.ax_in(*target), f"QLinearMatMul input {j}")
+    if len(out) < 2:
+        _per_tensor(ctx, (6, 7))
+    else:
+        for j in (6, 7):
+            _params_along(ctx, j, ctx.ax_out(0, len(out) - 2), f"QLinearMatMul input {j}")
+
+
+@rule(MS + "QGemm", weights={3: (0, 1)}, heavy=True, lifts={0: (3,)})
+def ms_qgemm(ctx: RuleContext) -> None:
+    """Gemm on quantized A (0) and B (3) with an int32 bias C (6), requantized with y's scale (7) and zero point
+    (8), or float when they are absent: a's and y's parameters per tensor, b's per tensor or per column."""
+    ta, tb = ctx.attr("transA", 0), ctx.attr("transB", 0)
+    a_m, a_k = (1, 0) if ta else (0, 1)
+    b_k, b_n = (1, 0) if tb else (0, 1)
+    ctx.eq(ctx.ax_in(0, a_k), ctx.ax_in(3, b_k))
+    ctx.eq(ctx.ax_out(0, 0), ctx.ax_in(0, a_m))
+    ctx.eq(ctx.ax_out(0, 1), ctx.ax_in(3, b_n))
+    _per_tensor(ctx, (1, 2, 7, 8))
+    for j in (4, 5):
+        _params_along(ctx, j, ctx.ax_in(3, b_n), f"QGemm input {j}")
+    if ctx.has_input(6):
+        broadcast_into(ctx, 6)
+
+
+@rule(MS + "QLinearAdd", MS + "QLinearMul")
+def ms_qlinear_binary(ctx: RuleContext) -> None:
+    """A (0) + or * B (3) on quantized values, requantized per element: an elementwise op whose scales and zero
+    points (1, 2, 4, 5, 6, 7) are per tensor."""
+    broadcast_into(ctx, 0)
+    broadcast_into(ctx, 3)
+    _per_tensor(ctx, (1, 2, 4, 5, 6, 7))
+
+
+@rule(MS + "QLinearSoftmax", MS + "QLinearSigmoid", MS + "QLinearLeakyRelu")
+def ms_qlinear_unary(ctx: RuleContext) -> None:
+    """Softmax (a row permutation commutes with it) or an activation on quantized values, with per-tensor
+    scales and zero points (1 to 4)."""
+    broadcast_into(ctx, 0)
+    _per_tensor(ctx, (1, 2, 3, 4))
 
 
 @rule("DequantizeLinear", "QuantizeLinear")

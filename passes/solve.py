@@ -483,7 +483,8 @@ def _structured_size(sp: Spaces, kind: str, parts: list[int]):
 # Ops that read an int8 weight or embedding table, to dequantize or gather it
 QUANTIZED_TABLE_OPS = ("Gather", "Cast", "DequantizeLinear")
 # Ops that compute with int8 (or packed 4-bit) weights directly: their `weights` axes are features
-INTEGER_WEIGHT_OPS = ("MatMulInteger", "ConvInteger", "com.microsoft:DynamicQuantizeMatMul",
+INTEGER_WEIGHT_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "com.microsoft:QGemm",
+                      "com.microsoft:DynamicQuantizeMatMul",
                       "com.microsoft:MatMulIntegerToFloat", "com.microsoft:MatMulNBits")
 COLUMNS = "split into single columns, each its own output"
 

@@ -65,15 +65,18 @@ def quantized_bert(zoo, tmp_path, form: str):
     elif form.startswith("dynamic"):  # uint8 weights are asymmetric: per-channel zero points that are not 0
         weight_type = QuantType.QUInt8 if "uint8" in form else QuantType.QInt8
         quantize_dynamic(src, str(dst), weight_type=weight_type, per_channel=per_channel)
-    else:
+    else:  # static: QDQ, or QOperator (QLinearMatMul, QLinearAdd, QLinearMul, QLinearSoftmax, QGemm)
         reader = type("Reader", (Feeds, CalibrationDataReader), {})()
-        quantize_static(src, str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel)
+        fmt = QuantFormat.QOperator if form.startswith("qoperator") else QuantFormat.QDQ
+        quantize_static(src, str(dst), reader, quant_format=fmt, per_channel=per_channel)
     return dst
 
 
-FORMS = ["dynamic", "dynamic-per-channel", "dynamic-uint8-per-channel", "dynamic-fused", "qdq", "qdq-per-channel"]
+FORMS = ["dynamic", "dynamic-per-channel", "dynamic-uint8-per-channel", "dynamic-fused", "qdq", "qdq-per-channel",
+         "qoperator", "qoperator-per-channel"]
 OPS = {"dynamic": {"MatMulInteger", "DynamicQuantizeLinear"}, "qdq": {"QuantizeLinear", "DequantizeLinear"},
-       "dynamic-fused": {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul"}}
+       "dynamic-fused": {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul"},
+       "qoperator": {"QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSoftmax", "QGemm"}}
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -228,16 +231,19 @@ def test_relaxed_check_still_catches_a_wrong_quantized_bundle(zoo, tmp_path, mon
     assert not (tmp_path / "out").exists()
 
 
-def test_operator_format_quantization_is_refused_with_the_way_out(zoo, tmp_path, capsys):
-    """QOperator (QLinearMatMul ...) requantizes inside every op; it has no rules: one line, exit 2, no bundle."""
+def test_quantized_conv_of_operator_format_is_refused_with_the_way_out(zoo, tmp_path, capsys):
+    """QOperator's QLinearConv (a statically quantized ViT patch embedding) has no rule: one line naming the op and
+    the forms that compile, exit 2, no bundle."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
-    path = tmp_path / "bert-qop.onnx"
-    reader = type("Reader", (Feeds, CalibrationDataReader), {})()
-    quantize_static(str(zoo.get("bert")), str(path), reader, quant_format=QuantFormat.QOperator)
+    src, path = zoo.get("vit"), tmp_path / "vit-qop.onnx"
+    batches = iter([random_feeds(src, batch=2, seed=i) for i in range(3)])
+    reader = type("Reader", (CalibrationDataReader,), {"get_next": lambda self: next(batches, None)})()
+    quantize_static(str(src), str(path), reader, quant_format=QuantFormat.QOperator)
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(path)).graph.node}
     assert cli.main(["compile", str(path), "-o", str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "QLinearMatMul" in err[0] and "QuantFormat.QDQ" in err[0], err
+    assert len(err) == 1 and "QLinearConv" in err[0] and "QuantFormat.QDQ" in err[0], err
     assert str(path) in err[0] and not (tmp_path / "out").exists()
 
 
