@@ -249,13 +249,13 @@ def test_quantized_conv_of_operator_format_is_refused_with_the_way_out(zoo, tmp_
 
 # ---- 4-bit MatMulNBits: blocks along K keep their values, scales and zero points ----
 
-def nbits_llama(zoo, tmp_path, family: str, block_size: int, symmetric: bool):
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def nbits_llama(zoo, tmp_path, family: str, block_size: int, symmetric: bool, bits: int = 4):
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(zoo.get(family))), block_size=block_size,
-                                     is_symmetric=symmetric)
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(zoo.get(family))), algo_config=config)
     quantizer.process()
-    path = tmp_path / f"{family}-q4-b{block_size}.onnx"
+    path = tmp_path / f"{family}-q{bits}-b{block_size}.onnx"
     onnx.save(quantizer.model.model, str(path))
     return path
 
@@ -267,10 +267,10 @@ def nibbles(b: np.ndarray, n: int, nb: int, bs: int) -> np.ndarray:
     return out.reshape(n, nb, bs)
 
 
-@pytest.mark.parametrize("family,block_size,symmetric", [("llama", 16, False), ("llama-cache", 16, False),
-                                                         ("llama", 32, True)])
-def test_matmul_nbits_llama_equals_the_quantized_original(zoo, tmp_path, family, block_size, symmetric):
-    path = nbits_llama(zoo, tmp_path, family, block_size, symmetric)
+@pytest.mark.parametrize("family,block_size,symmetric,bits", [("llama", 16, False, 4), ("llama-cache", 16, False, 4),
+                                                              ("llama", 32, True, 4), ("llama", 16, False, 8)])
+def test_matmul_nbits_llama_equals_the_quantized_original(zoo, tmp_path, family, block_size, symmetric, bits):
+    path = nbits_llama(zoo, tmp_path, family, block_size, symmetric, bits)
     assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(path)).graph.node) == 15  # 2 x 7 + lm_head
     report = compile_model(path, tmp_path / "out")  # the self-check compares against the quantized original
     assert report["private_inputs"] == ["input_ids"]
