@@ -274,9 +274,11 @@ def render(report: dict) -> str:
             con.print(f"client pre graph: {report['client_pre_nodes']} nodes, about "
                       f"{_human(report['client_bytes_estimate'])} of weights; server graph: "
                       f"{report['server_nodes']} nodes")
-        t = Table("space", "size", "structure", "constants", "log10(choices)", title="Permutation spaces")
+        t = Table("space", "size", "structure", "constants", "log10(choices)", "key bits", title="Permutation spaces")
         for s in report["spaces"]:
-            t.add_row(s["name"], str(s["size"]), s["structure"], str(s["constants"]), f"{s['log10_choices']:.1f}")
+            bits = s.get("log2_choices", s["log10_choices"] * math.log2(10))  # bundles written before log2_choices
+            t.add_row(s["name"], str(s["size"]), s["structure"], str(s["constants"]), f"{s['log10_choices']:.1f}",
+                      f"{bits:.1f}")
         con.print(t)
         t = Table("output", "shape", "spaces (un-permuted by client.post)", title="Outputs")
         for o in report["outputs"]:

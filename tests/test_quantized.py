@@ -357,7 +357,7 @@ def test_matmul_nbits_server_weights_keep_every_block(zoo, tmp_path):
 
 
 def test_matmul_nbits_key_space_is_reported(zoo, tmp_path, capsys):
-    """stip inspect shows the block structure of K and its key space (log10 of the number of permutations)."""
+    """stip inspect shows the block structure of K and its key space (log2 of the number of permutations)."""
     path = nbits_llama(zoo, tmp_path, "llama", 16, False)
     assert cli.main(["inspect", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -366,6 +366,9 @@ def test_matmul_nbits_key_space_is_reported(zoo, tmp_path, capsys):
     # 2 whole blocks, then one permutation of 16 values per block: log2(2! * 16!^2)
     expect = np.log2(2) + 2 * sum(np.log2(np.arange(1, 17)))
     assert abs(hidden["log2_choices"] - expect) < 0.2, hidden
+    assert cli.main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "key bits" in text and f"{hidden['log2_choices']:.1f}" in text
 
 
 def test_matmul_nbits_blocks_that_straddle_heads_are_refused(tmp_path, capsys):
