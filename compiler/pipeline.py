@@ -48,11 +48,11 @@ class Analysis:
 
 
 def analyse(model_path: str | Path, private: list[str] | None = None, public: list[str] | None = None,
-            strict: bool = True, head: str = "server") -> Analysis:
+            strict: bool = True, head: str = "server", graph: Graph | None = None) -> Analysis:
     """The one analysis compile and inspect share. strict=True (compile) raises the first refusal as a
     StipError; strict=False (inspect) collects them all, so inspect never calls a model fine that compile
     refuses. Model-level problems (unreadable, quantized, merged decoder, no Transformer) raise in both modes."""
-    g = load_graph(model_path)
+    g = graph if graph is not None else load_graph(model_path)  # a multi-file compile loads and links first
     refuse_unsupported_format(g)
     sol = solve(g)
     require_transformer(sol)

@@ -109,3 +109,27 @@ def _first_token(bundle_dir: str | Path, original: str | Path, tol: dict[str, fl
     feeds = random_feeds(original, BATCH, SEQ, seed=1, past=0, axes=manifest.axes, session=sess)
     feeds = {k: v for k, v in feeds.items() if k not in manifest.fixed_inputs}
     return first_token_check(original, manifest.fixed_inputs, feeds, sess, tol)
+
+
+def self_check_files(bundle_dir: str | Path, files: dict) -> dict:
+    """The multi-file self-check: encode, prefill and decode with both caches on the server, against the
+    original files (stip.runtime.multifile.verify_files); raises StipError naming the first call that differs."""
+    from stip.runtime.multifile import verify_files
+
+    try:
+        checks = verify_files(bundle_dir, files, batch=BATCH, seq=SEQ, steps=PAST, seed=0, device="cpu")
+    except StipError as e:
+        raise StipError(f"self-check could not run: {e} (pass --no-check to write the bundle unchecked)") from None
+    except Exception as e:  # onnxruntime's own exception types
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise StipError(f"self-check could not run the original files and the bundle in onnxruntime "
+                        f"({type(e).__name__}: {first}); pass --no-check to write the bundle unchecked") from None
+    rows = []
+    for c in checks:
+        limit = TOLERANCE[onnx.TensorProto.FLOAT] * max(1.0, c.scale)
+        if not c.max_abs <= limit:
+            raise StipError(f"self-check failed: {c.name} of the compiled bundle differs from the original files by "
+                            f"max abs {c.max_abs:.3g} (tolerance {limit:.2g}); nothing was written. This is a stip "
+                            "bug: please report it with `stip inspect` of each file")
+        rows.append({"output": c.name, "max_abs": c.max_abs, "tolerance": limit})
+    return {"batch": BATCH, "seq": SEQ, "steps": PAST, "outputs": rows}

@@ -242,7 +242,7 @@ def _unpermute_nodes(g: Graph, sol: Solution, perms: Permutations, src: str, dst
 
 def client_reads_cache(g: Graph, nodes) -> str | None:
     """The refusal when a client-side node (index into g, or NodeProto) reads a cache input's values."""
-    cache_inputs = {i for i, _ in g.cache}
+    cache_inputs = g.state_inputs
     for n in nodes:
         n = g.model.graph.node[n] if isinstance(n, int) else n
         for x in n.input:
@@ -255,7 +255,7 @@ def client_reads_cache(g: Graph, nodes) -> str | None:
 def _cache_shapes_as_inputs(g: Graph, pre: onnx.ModelProto) -> None:
     """The user never holds the KV cache, but pre may need its shape (positions start at the past length):
     such Shape nodes read a small int64 input `<cache input>.shape` that the client fills in instead."""
-    cache_inputs = {i for i, _ in g.cache}
+    cache_inputs = g.state_inputs
     keep = [i for i in pre.graph.input if i.name not in cache_inputs]
     used = [i.name for i in pre.graph.input if i.name in cache_inputs]
     if not used:
@@ -328,7 +328,8 @@ def build(g: Graph, sol: Solution, perms: Permutations, part: Partition, key_id:
     returned = [o for o in part.user_outputs if o not in part.pre_outputs and g.producer.get(o) not in post_set]
     returned += [t for t in part.to_post + tail_server if t not in returned]
     renames = {o: server_output_name(o) for o in returned}
-    server_outputs = [_value_info(g, o, renames[o]) for o in returned] + [_value_info(g, o) for _, o in part.cache]
+    server_outputs = [_value_info(g, o, renames[o]) for o in returned] + [_value_info(g, o) for _, o in part.cache] + [
+        _value_info(g, o) for o in part.held_out]
     server = _subgraph(g, sol, perms, part.server_nodes, server_inputs, server_outputs, "stip_server", progress,
                        remaining, sink=sinks.get("server"))
     _rename_outputs(list(server.graph.node), renames)

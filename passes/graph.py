@@ -37,6 +37,21 @@ class Graph:
     warnings: list[str] = field(default_factory=list)
     cache: list[tuple[str, str]] = field(default_factory=list)  # (past input, present output) pairs
     merged: MergedIf | None = None  # a merged decoder's If, specialised on its with-past branch (passes/merged.py)
+    # Server-held tensors that come from or go to another file of a multi-file model (passes/multifile.py): an
+    # encoder's last_hidden_state, a prefill's presents, a with-past decoder's cross-attention cache. Like the
+    # cache, they stay permuted on the server and never reach the client.
+    held_in: list[str] = field(default_factory=list)
+    held_out: list[str] = field(default_factory=list)
+
+    @property
+    def state_inputs(self) -> set[str]:
+        """Inputs the server fills from its own state (cache inputs and held inputs), never the client."""
+        return {i for i, _ in self.cache} | set(self.held_in)
+
+    @property
+    def state_outputs(self) -> set[str]:
+        """Outputs the server keeps (cache outputs and held outputs), never returned to the client."""
+        return {o for _, o in self.cache} | set(self.held_out)
 
     @property
     def nodes(self) -> list[onnx.NodeProto]:
@@ -343,9 +358,10 @@ def _crash_site(e: BaseException) -> str:
     return f" in {name}" if name else ""
 
 
-def load_graph(path: str | Path, model: onnx.ModelProto | None = None) -> Graph:
+def load_graph(path: str | Path, model: onnx.ModelProto | None = None, held: bool = False) -> Graph:
     """Load, specialise a merged decoder, normalise, check and shape-infer; the single entry point every command
-    uses."""
+    uses. With `held` (one file of a multi-file model), a cache input or output without its partner is held state
+    shared with another file."""
     p = Path(path)
     model, merged = specialise_merged(model if model is not None else load_model(p), p)
     model = normalise(model)
@@ -365,5 +381,14 @@ def load_graph(path: str | Path, model: onnx.ModelProto | None = None) -> Graph:
     g = Graph(model=_light(model), path=p, constants=constants, shapes=shapes, dtypes=dtypes, warnings=warnings,
               merged=merged)
     g.index()
-    g.cache = pair_cache(g.input_names, g.output_names, str(p))
+    if held:
+        from stip.runtime.bundle_format import expected_output, is_cache_input, is_cache_output
+
+        outs = set(g.output_names)
+        g.cache = [(i, expected_output(i)) for i in g.input_names if is_cache_input(i) and expected_output(i) in outs]
+        paired = {x for pair in g.cache for x in pair}
+        g.held_in = [i for i in g.input_names if is_cache_input(i) and i not in paired]
+        g.held_out = [o for o in g.output_names if is_cache_output(o) and o not in paired]
+    else:
+        g.cache = pair_cache(g.input_names, g.output_names, str(p))
     return g

@@ -26,10 +26,11 @@ class Partition:
     post_nodes: list[int] = field(default_factory=list)  # the LM head, with --head client
     to_post: list[str] = field(default_factory=list)  # tensors the server returns for post_nodes
     cache: list[tuple[str, str]] = field(default_factory=list)  # server-held KV cache (input, output)
+    held_out: list[str] = field(default_factory=list)  # outputs another file of the model reads on the server
 
     @property
     def user_outputs(self) -> list[str]:
-        return [o for o in self.outputs if o not in {c for _, c in self.cache}]
+        return [o for o in self.outputs if o not in {c for _, c in self.cache} and o not in self.held_out]
 
     outputs: list[str] = field(default_factory=list)
     tail_inputs: list[str] = field(default_factory=list)  # what post un-permutes before running the plaintext tail
@@ -85,7 +86,7 @@ def detect_private(g: Graph, sol: Solution, private: list[str] | None = None,
                 raise StipError(f"{g.path}: {flag} {n}: no such graph input (inputs: {', '.join(names)})")
     if private:
         return [n for n in names if n in private]
-    cache = {i for i, _ in g.cache}
+    cache = g.state_inputs
     out = []
     for name in names:
         if (public and name in public) or name in cache:
@@ -189,7 +190,7 @@ def lm_head_tail(g: Graph, output: str, max_nodes: int = 8) -> tuple[list[int], 
 
 def partition(g: Graph, sol: Solution, private: list[str], head: str = "server") -> Partition:
     nodes = g.model.graph.node
-    public = [n for n in g.input_names if n not in private]
+    public = [n for n in g.input_names if n not in private and n not in g.held_in]
     cone = value_cone(g, private)
     eligible: set[int] = set()
     for idx in sorted(cone):
@@ -200,7 +201,7 @@ def partition(g: Graph, sol: Solution, private: list[str], head: str = "server")
             eligible.add(idx)
     eligible, raw = _choose_pre(g, sol, cone, eligible, set(private))
 
-    cache_outputs = {o for _, o in g.cache}
+    cache_outputs = g.state_outputs
     post_nodes: set[int] = set()
     to_post: list[str] = []
     if head == "client":
@@ -281,7 +282,7 @@ def partition(g: Graph, sol: Solution, private: list[str], head: str = "server")
     # Identity(input_ids)): produced on the client, never sent to or returned by the server
     pre_outputs = [o for o in g.output_names if g.producer.get(o) in eligible or o in g.input_names]
     return Partition(private, public, sorted(pre), sorted(server), crossing, pre_outputs, sorted(post_nodes),
-                     to_post, list(g.cache), g.output_names, tail_inputs)
+                     to_post, list(g.cache), list(g.held_out), g.output_names, tail_inputs)
 
 
 def _choose_pre(g: Graph, sol: Solution, cone: set[int], eligible: set[int],

@@ -226,7 +226,7 @@ class Solver:
     def run(self) -> Solution:
         g = self.g
         blockers: list[Blocker] = []
-        cache_inputs = {i for i, _ in g.cache}
+        cache_inputs = g.state_inputs
         for name in g.input_names:
             for a, d in enumerate(g.shapes.get(name, [])):
                 # A KV-cache input carries permuted heads and head dims; only its batch/length axes are pinned.
@@ -674,7 +674,7 @@ def trailing_nodes(g: Graph) -> frozenset[int]:
         if weighted(n) or any(g.producer.get(x) in after for x in n.input if x):
             after.add(idx)
     cache: set[int] = set()
-    stack = [o for _, o in g.cache]
+    stack = list(g.state_outputs)
     while stack:
         p = g.producer.get(stack.pop())
         if p is not None and p not in cache:

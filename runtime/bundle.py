@@ -51,12 +51,17 @@ class Client:
         self.dir = d
         self.manifest = Manifest.read(man)
         self.key_id = self.manifest.key_id
-        for name in (PRE_MODEL, POST_MODEL):
+        if self.manifest.get("files"):
+            raise StipError(f"{d}: a bundle of several files ({', '.join(self.manifest['files'])}); run it with "
+                            "`stip generate` or `stip verify`, or load one file's client directory inside it")
+        # a file whose outputs all stay on the server (a seq2seq encoder) has no post graph
+        names = (PRE_MODEL, POST_MODEL) if self.manifest.outputs or (d / POST_MODEL).exists() else (PRE_MODEL,)
+        for name in names:
             got = model_key_id(d / name)
             if got != self.key_id:
                 raise StipError(f"{d / name}: key id {got} does not match the client bundle's {self.key_id}")
         self.pre = make_session(d / PRE_MODEL, device, threads)
-        self.post = make_session(d / POST_MODEL, device, threads)
+        self.post = make_session(d / POST_MODEL, device, threads) if POST_MODEL in names else None
         self.input_names = self.manifest.inputs
         self.output_names = self.manifest.outputs
 
@@ -96,6 +101,8 @@ class Client:
         return to_server, pre_out
 
     def finish(self, server_out: dict[str, np.ndarray], pre_out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.post is None:
+            return {}
         avail = {**pre_out, **server_out}
         post_in = {i.name: avail[i.name] for i in self.post.get_inputs()}
         return dict(zip(self.output_names, run(self.post, self.output_names, post_in, POST_MODEL)))

@@ -1,0 +1,144 @@
+"""Export small random-weight models that optimum writes as several ONNX files (seq2seq T5/BART, a legacy GPT-2
+decoder pair), with the cached optimum venv of export_optimum.py.
+
+Why its own file: export_optimum.py keys its export cache on its model-building half, so adding architectures
+there would invalidate every cached export; this file has its own cache entries.
+
+    python examples/export_multifile.py t5 -o out/t5      # encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx
+    python examples/export_multifile.py gpt2-pair -o out/gpt2
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_optimum import ExportError, _locked, ensure_venv, exports_root  # noqa: E402
+
+CASES = {  # name -> (task, extra optimum-cli flags)
+    "t5": ("text2text-generation-with-past", []),
+    "bart": ("text2text-generation-with-past", []),
+    "gpt2-pair": ("text-generation-with-past", ["--no-post-process"]),
+}
+
+
+def export(case: str, out: str | Path, seed: int = 0) -> Path:
+    """Build the random-weight model and run optimum-cli in the optimum venv; returns OUT (the files' directory)."""
+    if case not in CASES:
+        raise ExportError(f"unknown case {case!r}; expected one of {', '.join(CASES)}")
+    python = ensure_venv()
+    out = Path(out).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([str(python), str(Path(__file__).resolve()), "--inside", case, "-o", str(out),
+                        "--seed", str(seed)], capture_output=True, text=True, env=env)
+    (out / "export.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0 or not list(out.glob("*.onnx")):
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        raise ExportError(f"cannot export {case} with optimum (exit {r.returncode}):\n{tail}")
+    return out
+
+
+def cached_export(case: str, seed: int = 0) -> Path:
+    """The export directory of this case, made once and reused (keyed by this file's content and the case)."""
+    key = hashlib.sha256(Path(__file__).read_bytes() + repr((case, seed)).encode()).hexdigest()[:12]
+    out = exports_root() / f"multifile-{case}-{key}"
+    if (out / "export.log").exists() and list(out.glob("*.onnx")):
+        return out
+    with _locked(out):
+        if not ((out / "export.log").exists() and list(out.glob("*.onnx"))):
+            tmp = out.with_name(out.name + ".tmp")
+            export(case, tmp, seed)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+    return out
+
+
+# ---------------------------------------------------------------- inside the optimum venv (torch, transformers)
+
+def _tokenizer(d: Path, specials: list[str]) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["the quick brown fox jumps over the lazy dog", "translate english to german: hello world",
+              "secret permutations folded into weights", "a man is eating food"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    tok.train_from_iterator(corpus * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    names = dict(zip(["pad_token", "eos_token", "unk_token", "bos_token"], specials))
+    PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(d)
+    return tok.get_vocab_size()
+
+
+def build_model(case: str, d: Path, seed: int) -> None:
+    import torch
+    import transformers as tf
+
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = max(_tokenizer(d, ["<pad>", "</s>", "<unk>", "<s>"]), 128)
+    if case == "t5":
+        cfg = tf.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        model = tf.T5ForConditionalGeneration(cfg)
+    elif case == "bart":
+        cfg = tf.BartConfig(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2,
+                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                            decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                            bos_token_id=3, decoder_start_token_id=1, forced_eos_token_id=None)
+        model = tf.BartForConditionalGeneration(cfg)
+    else:
+        cfg = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64,
+                            bos_token_id=1, eos_token_id=1)
+        model = tf.GPT2LMHeadModel(cfg)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    model.save_pretrained(d)
+
+
+def _inside(a: argparse.Namespace) -> None:
+    out = Path(a.output)
+    build_model(a.case, out / "hf", a.seed)
+    task, extra = CASES[a.case]
+    args = ["export", "onnx", "--model", str(out / "hf"), "--task", task, *extra, str(out)]
+    print("optimum-cli " + " ".join(args), flush=True)
+    from optimum.commands.optimum_cli import main as optimum_cli
+
+    sys.argv = ["optimum-cli", *args]
+    optimum_cli()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("case", choices=sorted(CASES))
+    ap.add_argument("-o", "--output")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.inside:
+        _inside(a)
+    elif not a.output:
+        ap.error("give -o OUT")
+    else:
+        try:
+            print(export(a.case, a.output, a.seed))
+        except ExportError as e:
+            sys.exit(f"export_multifile: {e}")
+
+
+if __name__ == "__main__":
+    main()
