@@ -35,8 +35,12 @@ def _progress(quiet: bool):
 def cmd_compile(a: argparse.Namespace) -> int:
     """Compile an exported ONNX Transformer into a STIP bundle: server/, client/ and developer/ (the key)."""
     from stip.compiler.external import parse_size
+    from stip.compiler.multifile import is_multifile
     from stip.compiler.pipeline import compile_model
 
+    if is_multifile(a.model):
+        return _compile_files(a)
+    a.model = a.model[0]
     step, ctx = _progress(a.quiet)
     with ctx:
         report = compile_model(a.model, a.output, force=a.force, private=a.private, public=a.public,
@@ -93,13 +97,68 @@ def cmd_audit(a: argparse.Namespace) -> int:
     return 0
 
 
+def _compile_files(a: argparse.Namespace) -> int:
+    """Several files of one model (a directory optimum wrote, or the files): one bundle, one key."""
+    from stip.compiler.multifile import compile_files
+
+    for flag, value, default in (("--private", a.private, None), ("--public", a.public, None),
+                                 ("--head", a.head, "server"), ("--max-context", a.max_context, None),
+                                 ("--shard-size", a.shard_size, None), ("--external-data", a.external_data, "auto")):
+        if value != default and value:
+            raise StipError(f"{flag}: not supported when compiling several files ({' '.join(a.model)}); "
+                            "compile without it")
+    step, ctx = _progress(a.quiet)
+    with ctx:
+        report = compile_files(a.model, a.output, force=a.force, tokenizer=a.tokenizer, check=a.check,
+                               progress=step)
+    sizes = report["bundle_sizes"]
+    print(f"wrote {a.output}  key id {report['key_id']}  {len(report['files'])} files "
+          f"({', '.join(report['files'])}), {len(report['links'])} server-held tensors between them")
+    print(f"  server/                {sizes['server_bytes'] / 2**20:8.1f} MiB  permuted weights, no key")
+    print(f"  client/                {sizes['client_bytes'] / 2**20:8.1f} MiB  pre/post per file, for users")
+    print("  developer/key.npz                    the key (mode 0600): never ship it")
+    chk = report["self_check"]
+    if isinstance(chk, dict):
+        worst = max(chk["outputs"], key=lambda r: r["max_abs"])
+        print(f"checked: encode/prefill/decode through the bundle matches the original files on "
+              f"{len(chk['outputs'])} calls (largest diff {worst['max_abs']:.2g} on '{worst['output']}')")
+    else:
+        print("not checked (--no-check): run `stip verify` before shipping the bundle")
+    print(f"next: stip verify {a.output} --original {' '.join(a.model)}")
+    return 0
+
+
+def _verify_files(a: argparse.Namespace) -> int:
+    from stip.passes.multifile import discover
+    from stip.runtime.multifile import verify_files
+
+    checks = verify_files(a.bundle, discover([Path(p) for p in a.original]), batch=a.batch, seq=a.seq,
+                          steps=a.past, seed=a.seed, atol=a.atol, rtol=a.rtol, device=a.device)
+    ok = all(c.ok for c in checks)
+    if a.json:
+        print(json.dumps({"passed": ok, "outputs": [c.__dict__ | {"ok": c.ok} for c in checks]}, indent=2))
+    else:
+        print(f"{'call:output':32} {'shape':16} {'max abs diff':>12} {'argmax agree':>12}  result")
+        for c in checks:
+            print(f"{c.name:32} {str(c.shape):16} {c.max_abs:12.3e} {c.argmax_agree:12.2%}  {'PASS' if c.ok else 'FAIL'}")
+        print(f"{'PASS' if ok else 'FAIL'}: original files vs the bundle: encode, prefill {a.seq} tokens, then "
+              f"{a.past} cached steps (atol={a.atol}, rtol={a.rtol}, batch={a.batch})")
+    return 0 if ok else 1
+
+
 def cmd_verify(a: argparse.Namespace) -> int:
     """Run the original model and pre -> server -> post on the same random inputs; PASS or FAIL (exit 1)."""
     import onnx
 
     from stip.compiler.selfcheck import QUANTIZED_ACTIVATIONS, quantized_activation
+    from stip.runtime.multifile import is_multifile_bundle
     from stip.runtime.verify import verify
 
+    if is_multifile_bundle(a.bundle):
+        return _verify_files(a)
+    if len(a.original) != 1:
+        raise StipError(f"--original: {a.bundle} holds one file; pass the one .onnx it was compiled from")
+    a.original = a.original[0]
     if not Path(a.original).exists():
         raise StipError(f"{a.original}: no such file")
     quantized = None
@@ -139,13 +198,22 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     """Generate text privately: pre and post run here, the server graph keeps the permuted KV cache."""
     from stip.runtime.generate import Sampler, StipGenerator, stream
+    from stip.runtime.multifile import MultiGenerator, is_multifile_bundle
 
     server = None
-    if a.server:
+    if is_multifile_bundle(a.bundle):
+        if a.server:
+            raise StipError(f"--server: {a.bundle} holds several files; remote serving of multi-file bundles is not "
+                            "supported yet: run without --server (the server part then runs in this process)")
+        gen = MultiGenerator(a.bundle, device=a.device, start_id=a.decoder_start_id)
+    elif a.decoder_start_id is not None:
+        raise StipError("--decoder-start-id: only for seq2seq bundles (several files)")
+    elif a.server:
         from stip.runtime.remote import RemoteServer, read_token
 
         server = RemoteServer(a.server, a.model_name, token=read_token(a.token_file), ca_cert=a.ca_cert)
-    gen = StipGenerator(a.bundle, device=a.device, server=server)
+    if not is_multifile_bundle(a.bundle):
+        gen = StipGenerator(a.bundle, device=a.device, server=server)
     if (a.prompt is None) == (a.prompt_ids is None):
         raise StipError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
     if a.prompt is not None:
@@ -273,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="treat this graph input as public metadata (repeatable)")
 
     c = add("compile", cmd_compile)
-    c.add_argument("model", help="exported ONNX model (.onnx, external data next to it is read)")
+    c.add_argument("model", nargs="+", help="exported ONNX model (.onnx, external data next to it is read); or "
+                   "several files of one model, or the directory optimum wrote them to (encoder_model.onnx, "
+                   "decoder_model.onnx, decoder_with_past_model.onnx): one bundle, one key")
     c.add_argument("-o", "--output", required=True, help="bundle directory to create")
     c.add_argument("--force", action="store_true", help="replace an existing bundle (and its key)")
     c.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
@@ -320,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--prompt", help="text prompt (needs a bundle compiled with --tokenizer)")
     gn.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
     gn.add_argument("--max-new-tokens", type=int, default=32)
+    gn.add_argument("--decoder-start-id", type=int, default=None, metavar="ID",
+                    help="seq2seq bundles: the decoder's first token (default: decoder_start_token_id from the "
+                    "config.json found beside the files at compile time)")
     gn.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
     gn.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     gn.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
@@ -350,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = add("verify", cmd_verify)
     v.add_argument("bundle", help="bundle directory written by `stip compile`")
-    v.add_argument("--original", required=True, help="the plaintext model the bundle was compiled from")
+    v.add_argument("--original", required=True, nargs="+",
+                   help="the plaintext model the bundle was compiled from (several files or their directory for a "
+                   "multi-file bundle)")
     v.add_argument("--batch", type=int, default=3, help="batch size of the random inputs (default 3)")
     v.add_argument("--seq", type=int, default=13, help="length of dynamic non-batch axes (default 13)")
     v.add_argument("--past", type=int, default=7,

@@ -15,8 +15,15 @@ import shutil
 from pathlib import Path
 
 from stip.compiler.keys import new_key_id, random_permutation, write_key
-from stip.compiler.output import check_output_dir, finish_temp, interruptible, locked, new_temp, output_path, \
-    swap_into_place
+from stip.compiler.output import (
+    check_output_dir,
+    finish_temp,
+    interruptible,
+    locked,
+    new_temp,
+    output_path,
+    swap_into_place,
+)
 from stip.passes.errors import StipError
 from stip.passes.graph import load_graph
 from stip.passes.multifile import ROLE_FILES, discover, draw_joint, find_links, key_entries, unify

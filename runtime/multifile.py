@@ -14,8 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from stip.runtime.bundle import Client
-from stip.runtime.bundle_format import SERVER_DIR, SERVER_MODEL, Manifest, expected_output, find_client_dir, \
-    is_cache_input, model_key_id
+from stip.runtime.bundle_format import (
+    SERVER_DIR,
+    SERVER_MODEL,
+    Manifest,
+    expected_output,
+    find_client_dir,
+    is_cache_input,
+    model_key_id,
+)
 from stip.runtime.errors import StipError
 from stip.runtime.sessions import make_session, run
 
@@ -117,11 +124,15 @@ class BundleSequence:
 
 
 def _plain_step(chain: Chain):
-    return lambda role, feeds, past_length=0: chain.run(role, {k: v for k, v in feeds.items()
-                                                              if k in {i.name for i in chain.sessions[role].get_inputs()}})
+    """run_file for the original files: the feeds a file takes, no client around it."""
+    def run_file(role: str, feeds: dict[str, np.ndarray], past_length: int = 0) -> dict[str, np.ndarray]:
+        names = {i.name for i in chain.sessions[role].get_inputs()}
+        return chain.run(role, {k: v for k, v in feeds.items() if k in names})
+
+    return run_file
 
 
-def seq2seq_steps(run_file, encoder_feeds: dict[str, np.ndarray], start: list[int]) -> Iterator:
+def seq2seq_steps(run_file, encoder_feeds: dict[str, np.ndarray]):
     """Encode once, then yield a function that feeds decoder tokens: the first call runs `decoder` (no past), later
     calls `decoder_with_past`; each returns the logits of the tokens fed."""
     run_file("encoder", encoder_feeds)
@@ -165,7 +176,7 @@ def generate_tokens(run_file, kind: str, prompt: list[int], max_new_tokens: int,
             raise StipError("this seq2seq bundle has no decoder_start_token_id (no config.json beside the files at "
                             "compile time); pass --decoder-start-id")
         ids = np.array([prompt], dtype=np.int64)
-        step = seq2seq_steps(run_file, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, [start_id])
+        step = seq2seq_steps(run_file, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
         logits = step(np.array([[start_id]], dtype=np.int64))
     else:
         step = decoder_pair_step(run_file)
@@ -211,7 +222,7 @@ def verify_files(bundle_dir: str | Path, files: dict[str, Path], *, batch: int =
     for side, obj in seqs.items():
         run_file = _plain_step(obj) if isinstance(obj, Chain) else obj.run
         if man.get("kind") == "seq2seq":
-            step = seq2seq_steps(run_file, {"input_ids": enc_ids, "attention_mask": enc_mask}, [])
+            step = seq2seq_steps(run_file, {"input_ids": enc_ids, "attention_mask": enc_mask})
         else:
             step = decoder_pair_step(run_file, batch)
         for k, ids in enumerate(calls):
@@ -219,3 +230,44 @@ def verify_files(bundle_dir: str | Path, files: dict[str, Path], *, batch: int =
             results[side][f"{role}#{k}:logits"] = step(ids)
         obj.close()
     return compare(results["original"], results["bundle"], atol, rtol)
+
+
+class MultiGenerator:
+    """`stip generate` for bundles of several files: encode on the server, then decode with the self-attention
+    and cross-attention caches held by the server; the user's side sees only its own ids and the logits."""
+
+    def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: int = 0, start_id: int | None = None):
+        from stip.runtime.generate import _load_tokenizer
+
+        self.dep = MultiDeployment(bundle_dir, device, threads)
+        man = self.dep.manifest
+        gen = man.get("generation") or {}
+        self.kind = man.get("kind", "decoder")
+        self.start_id = start_id if start_id is not None else gen.get("decoder_start_token_id")
+        self.eos_id = gen.get("eos_token_id")
+        first = self.dep.clients[self.dep.roles[0]].manifest
+        self.vocab = first.vocab_size.get("input_ids")
+        self.tokenizer = _load_tokenizer(self.dep.client_dir / man.tokenizer) if man.tokenizer else None
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise StipError("this bundle has no tokenizer (compile with --tokenizer DIR); use --prompt-ids")
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else " ".join(map(str, ids))
+
+    def generate(self, prompt: list[int], max_new_tokens: int, sampler=None) -> Iterator[int]:
+        from stip.runtime.generate import Sampler
+
+        if not prompt:
+            raise StipError("empty prompt")
+        bad = [t for t in prompt if self.vocab is not None and not 0 <= t < self.vocab]
+        if bad:
+            raise StipError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})")
+        seq = self.dep.sequence()
+        try:
+            yield from generate_tokens(seq.run, self.kind, prompt, max_new_tokens, sampler or Sampler(),
+                                       self.start_id, self.eos_id)
+        finally:
+            seq.close()

@@ -1,0 +1,164 @@
+"""Several files, one key: seq2seq models (T5, BART) exported by optimum as encoder_model.onnx +
+decoder_model.onnx + decoder_with_past_model.onnx compile into one bundle. Greedy generation through the bundle
+equals the original files' in onnxruntime, the encoder output and both caches never reach the client, the
+decoders' shared weights reach the server under one permutation, and one key id marks every graph."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from stip.compiler.keys import read_key
+from stip.compiler.multifile import compile_files
+from stip.passes.errors import StipError
+from stip.passes.multifile import discover
+from stip.runtime.bundle_format import KEY_ID_PROP, Layout, Manifest
+from stip.runtime.generate import Sampler
+from stip.runtime.multifile import MultiGenerator, generate_original, verify_files
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import export_multifile  # noqa: E402
+from export_optimum import ExportError  # noqa: E402
+
+pytestmark = pytest.mark.optimum
+HELD = ("last_hidden_state", "encoder_hidden_states", "present.", "past_key_values.")
+
+
+@pytest.fixture(scope="module")
+def seq2seq(tmp_path_factory):
+    """case -> (export dir, bundle dir), compiled once per module (with the self-check)."""
+    made: dict[str, tuple[Path, Path]] = {}
+    root = tmp_path_factory.mktemp("multifile")
+
+    def get(case: str) -> tuple[Path, Path]:
+        if case not in made:
+            try:
+                src = export_multifile.cached_export(case)
+            except ExportError as e:
+                pytest.fail(f"optimum export of {case} failed: {e}", pytrace=False)
+            out = root / case
+            compile_files([src], out)
+            made[case] = (src, out)
+        return made[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", ["t5", "bart"])
+def test_greedy_generation_equals_the_original_files(seq2seq, case):
+    src, out = seq2seq(case)
+    gen = MultiGenerator(out, device="cpu")
+    assert gen.kind == "seq2seq" and gen.start_id is not None  # from the config.json beside the files
+    gen.eos_id = None  # a random model may emit eos at once; compare a fixed number of tokens
+    prompt = [5, 17, 42, 8, 99, 3]
+    got = list(gen.generate(prompt, 10, Sampler()))
+    man = Manifest.read(Layout(out).manifest)
+    want = generate_original(discover([src]), man["links"], "seq2seq", prompt, 10, Sampler(), gen.start_id, None)
+    assert len(got) == 10 and got == want
+    sampled = list(gen.generate(prompt, 8, Sampler(temperature=1.0, seed=3)))
+    assert sampled == generate_original(discover([src]), man["links"], "seq2seq", prompt, 8,
+                                        Sampler(temperature=1.0, seed=3), gen.start_id, None)
+
+
+@pytest.mark.parametrize("case", ["t5", "bart"])
+def test_verify_passes_on_every_call(seq2seq, case):
+    src, out = seq2seq(case)
+    checks = verify_files(out, discover([src]), batch=3, seq=7, steps=4, device="cpu")
+    assert [c.name for c in checks] == ["decoder#0:logits"] + [f"decoder_with_past#{k}:logits" for k in range(1, 5)]
+    assert all(c.ok for c in checks), [(c.name, c.max_abs) for c in checks]
+    assert max(c.max_abs for c in checks) < 1e-4
+
+
+def _graphs(d: Path) -> list[Path]:
+    return sorted(d.rglob("*.onnx"))
+
+
+@pytest.mark.parametrize("case", ["t5", "bart"])
+def test_held_tensors_never_reach_the_client_and_one_key_marks_every_graph(seq2seq, case):
+    _, out = seq2seq(case)
+    lay = Layout(out)
+    for f in _graphs(lay.client_dir):
+        m = onnx.load(str(f))
+        names = [v.name for v in list(m.graph.input) + list(m.graph.output)]
+        assert not [n for n in names if n.startswith(HELD)], (f, names)
+    key_id, perms = read_key(lay.key)
+    graphs = _graphs(lay.client_dir) + _graphs(lay.server_dir)
+    assert len(graphs) == 8  # 3 pre, 2 post (the encoder has none), 3 server
+    for f in graphs:
+        props = {p.key: p.value for p in onnx.load(str(f), load_external_data=False).metadata_props}
+        assert props[KEY_ID_PROP] == key_id, f
+    # the server holds graphs only, and no integer tensor that is a permutation from the key
+    assert {f.name for f in lay.server_dir.rglob("*") if f.is_file()} == {"model.onnx"}
+    key_bytes = {np.asarray(p).astype(np.int64).tobytes() for p in perms.values()}
+    for f in _graphs(lay.server_dir):
+        for t in onnx.load(str(f)).graph.initializer:
+            arr = onnx.numpy_helper.to_array(t)
+            if arr.dtype.kind in "iu" and arr.size > 2:
+                assert arr.astype(np.int64).tobytes() not in key_bytes, (f, t.name)
+    assert all(k.split("/")[0] in ("encoder", "decoder", "decoder_with_past") for k in perms)
+
+
+def _weights(path: Path) -> set[str]:
+    m = onnx.load(str(path))
+    return {hashlib.sha256(onnx.numpy_helper.to_array(t).tobytes()).hexdigest() for t in m.graph.initializer
+            if len(t.dims) >= 2 and t.data_type == onnx.TensorProto.FLOAT}
+
+
+@pytest.mark.parametrize("case", ["t5", "bart"])
+def test_shared_weights_reach_the_server_under_one_permutation(seq2seq, case):
+    src, out = seq2seq(case)
+    srv = Layout(out).server_dir
+    dec, past = _weights(srv / "decoder" / "model.onnx"), _weights(srv / "decoder_with_past" / "model.onnx")
+    assert len(past) > 10 and past <= dec  # every with-past weight is byte-identical to one the decoder holds
+    original = _weights(src / "decoder_with_past_model.onnx")
+    assert len(past & original) <= 1  # ...and permuted (a weight whose every axis is unpermuted may stay)
+
+
+def test_cli_compile_generate_verify(tmp_path):
+    src = export_multifile.cached_export("t5")
+    stip = [sys.executable, "-m", "stip.compiler.cli"]
+    out = tmp_path / "b"
+    r = subprocess.run([*stip, "compile", str(src), "-o", str(out), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "3 files" in r.stdout and "checked:" in r.stdout
+    r = subprocess.run([*stip, "generate", str(out), "--prompt-ids", "5,6,7", "--max-new-tokens", "8"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert 1 <= len(r.stdout.split()) <= 8 and all(t.isdigit() for t in r.stdout.split())
+    r = subprocess.run([*stip, "verify", str(out), "--original", str(src)], capture_output=True, text=True)
+    assert r.returncode == 0 and "PASS: original files" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([*stip, "generate", str(out), "--prompt-ids", "5", "--server", "http://127.0.0.1:1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not supported yet" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ambiguous_inputs_are_refused_precisely(tmp_path):
+    src = export_multifile.cached_export("t5")
+    only_merged = tmp_path / "merged"
+    only_merged.mkdir()
+    for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):
+        shutil.copy(src / name, only_merged / name)
+    with pytest.raises(StipError, match="merged decoder .* not supported yet .*--no-post-process"):
+        discover([only_merged])
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"):
+        shutil.copy(src / name, odd / name)
+    shutil.copy(src / "decoder_model.onnx", odd / "model.onnx")
+    with pytest.raises(StipError, match="model.onnx: not a file name optimum writes"):
+        discover([odd])
+    (odd / "model.onnx").unlink()
+    (odd / "decoder_with_past_model.onnx").unlink()
+    with pytest.raises(StipError, match="no decoder_with_past_model.onnx"):
+        discover([odd])
+    with pytest.raises(StipError, match="given twice"):
+        discover([odd, odd / "encoder_model.onnx"])
+    with pytest.raises(StipError, match="reads 'encoder_hidden_states': pass encoder_model.onnx"):
+        compile_files([src / "decoder_model.onnx", src / "decoder_with_past_model.onnx"], tmp_path / "x")
