@@ -4,8 +4,11 @@ decoder pair), with the cached optimum venv of export_optimum.py.
 Why its own file: export_optimum.py keys its export cache on its model-building half, so adding architectures
 there would invalidate every cached export; this file has its own cache entries.
 
-    python examples/export_multifile.py t5 -o out/t5      # encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx
-    python examples/export_multifile.py gpt2-pair -o out/gpt2
+    python examples/export_multifile.py t5 -o out/t5    # encoder_model, decoder_model, decoder_with_past_model
+    python examples/export_multifile.py bart -o out/bart
+
+optimum 2.1 writes no legacy decoder pair (text-generation-with-past gives one model.onnx even with
+--no-post-process); examples/export_optimum_legacy.py (optimum 1.27 --legacy) writes those.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from export_optimum import ExportError, _locked, ensure_venv, exports_root  # no
 CASES = {  # name -> (task, extra optimum-cli flags)
     "t5": ("text2text-generation-with-past", []),
     "bart": ("text2text-generation-with-past", []),
-    "gpt2-pair": ("text-generation-with-past", ["--no-post-process"]),
 }
 
 
@@ -99,9 +101,7 @@ def build_model(case: str, d: Path, seed: int) -> None:
                             bos_token_id=3, decoder_start_token_id=1, forced_eos_token_id=None)
         model = tf.BartForConditionalGeneration(cfg)
     else:
-        cfg = tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64,
-                            bos_token_id=1, eos_token_id=1)
-        model = tf.GPT2LMHeadModel(cfg)
+        raise SystemExit(f"unknown case {case!r}")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

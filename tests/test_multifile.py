@@ -162,3 +162,32 @@ def test_ambiguous_inputs_are_refused_precisely(tmp_path):
         discover([odd, odd / "encoder_model.onnx"])
     with pytest.raises(StipError, match="reads 'encoder_hidden_states': pass encoder_model.onnx"):
         compile_files([src / "decoder_model.onnx", src / "decoder_with_past_model.onnx"], tmp_path / "x")
+
+
+def test_legacy_decoder_pair(tmp_path):
+    """optimum 1.27 --legacy GPT-2: decoder_model.onnx (prefill, writes present.*) + decoder_with_past_model.onnx,
+    compiled from the directory (the merged file beside them is left out): the prefill's presents feed the
+    with-past graph on the server, and greedy generation equals the original pair's."""
+    legacy = pytest.importorskip("export_optimum_legacy", reason="needs examples/export_optimum_legacy.py "
+                                 "(the `merged` branch)")
+    try:
+        src = legacy.cached_export("gpt2")
+    except ExportError as e:
+        pytest.fail(f"optimum 1.27 --legacy export failed: {e}", pytrace=False)
+    out = tmp_path / "b"
+    report = compile_files([src], out)
+    assert set(report["files"]) == {"decoder", "decoder_with_past"}
+    assert all(lk[2] == "decoder_with_past" and lk[1].startswith("present.") for lk in report["links"])
+    gen = MultiGenerator(out, device="cpu")
+    gen.eos_id = None
+    prompt = [5, 17, 42, 8]
+    got = list(gen.generate(prompt, 10, Sampler()))
+    assert got == generate_original(discover([src]), report["links"], "decoder", prompt, 10, Sampler())
+    assert len(got) == 10
+    checks = verify_files(out, discover([src]), batch=2, seq=6, steps=3, device="cpu")
+    assert all(c.ok for c in checks) and len(checks) == 4
+    for f in _graphs(Layout(out).client_dir):
+        m = onnx.load(str(f))
+        assert not [v.name for v in list(m.graph.input) + list(m.graph.output) if v.name.startswith(HELD)]
+    dec = _weights(Layout(out).server_dir / "decoder" / "model.onnx")
+    assert _weights(Layout(out).server_dir / "decoder_with_past" / "model.onnx") <= dec
