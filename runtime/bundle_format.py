@@ -95,6 +95,11 @@ def find_server_dir(path: str | Path) -> Path:
     for d in (p, p / SERVER_DIR):
         if (d / SERVER_MODEL).is_file():
             return d
+    for d in (p, p / SERVER_DIR):  # a multi-file bundle: server/<role>/model.onnx (stip.compiler.multifile)
+        roles = sorted(x.name for x in d.iterdir() if (x / SERVER_MODEL).is_file()) if d.is_dir() else []
+        if roles:
+            raise StipError(f"{p}: a bundle of several files ({', '.join(roles)}); this command takes one file's "
+                            "server graph, and multi-file bundles are run with `stip generate` / `stip verify`")
     raise StipError(f"{p}: not a stip server bundle (no {SERVER_MODEL}, nor {SERVER_DIR}/{SERVER_MODEL})")
 
 

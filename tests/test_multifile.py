@@ -137,6 +137,8 @@ def test_cli_compile_generate_verify(tmp_path):
     r = subprocess.run([*stip, "generate", str(out), "--prompt-ids", "5", "--server", "http://127.0.0.1:1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not supported yet" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*stip, "serve", str(out), "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "a bundle of several files" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_ambiguous_inputs_are_refused_precisely(tmp_path):
