@@ -25,8 +25,7 @@ from stip.compiler.output import (
     swap_into_place,
 )
 from stip.passes.errors import StipError
-from stip.passes.graph import load_graph
-from stip.passes.multifile import ROLE_FILES, discover, draw_joint, find_links, key_entries, unify
+from stip.passes.multifile import ROLE_FILES, branch_of, discover, draw_joint, find_links, key_entries, load_role, unify
 from stip.runtime.bundle_format import TOKENIZER_DIR, Layout, Manifest
 
 GENERATION_KEYS = ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
@@ -73,7 +72,7 @@ def compile_files(paths: list[str | Path], out_dir: str | Path, *, force: bool =
         raise StipError(f"--tokenizer {tokenizer}: not a directory")
     files = discover([Path(p) for p in paths])
     tick = step("analysing graphs", None)
-    graphs = {role: load_graph(path, held=True) for role, path in files.items()}
+    graphs = {role: load_role(role, path) for role, path in files.items()}
     links = find_links(graphs)
     analyses = {role: analyse(files[role], graph=g) for role, g in graphs.items()}
     tick()
@@ -105,6 +104,8 @@ def compile_files(paths: list[str | Path], out_dir: str | Path, *, force: bool =
                 manifest["public"] = [n for n in manifest["public"] if n not in held_in]
                 manifest["held_inputs"], manifest["held_outputs"] = list(g.held_in), list(g.held_out)
                 manifest["source"] = files[role].name
+                if branch_of(role, files[role]):
+                    manifest["branch"] = branch_of(role, files[role])
                 manifest["axes"] = _client_axes(g, manifest["axes"])
                 Manifest.from_dict(manifest, str(cli / "stip.json")).write(cli / "stip.json")
                 reports[role] = report

@@ -54,7 +54,11 @@ def discover(paths: list[Path]) -> dict[str, Path]:
         raise StipError(f"{by_name[other[0]]}: not a file name optimum writes for a multi-file model (expected "
                         f"{', '.join(ROLE_FILES.values())}); compile it on its own, or rename the files to say "
                         "which role each plays")
-    if merged is not None and "decoder" not in roles and "decoder_with_past" not in roles:
+    if merged is not None and merged_supported():
+        # one file holding both decoders: each role is one branch of its If (stip.passes.merged.branch_model),
+        # preferred over a pair beside it (the same weights, one source)
+        roles["decoder"] = roles["decoder_with_past"] = merged
+    elif merged is not None and "decoder" not in roles and "decoder_with_past" not in roles:
         raise StipError(f"{merged}: a merged decoder (an If on use_cache_branch) is not supported yet in multi-file "
                         f"compiles; export without post-processing (optimum-cli --no-post-process) so that "
                         f"{ROLE_FILES['decoder']} and {ROLE_FILES['decoder_with_past']} are written, and pass those")
@@ -65,6 +69,67 @@ def discover(paths: list[Path]) -> dict[str, Path]:
         raise StipError(f"{roles['decoder']}: no {ROLE_FILES['decoder_with_past']} beside it; a decoder without "
                         "its with-past graph is one file: compile it on its own")
     return roles
+
+
+def merged_supported() -> bool:
+    """Whether this stip has the merged-decoder pass (stip.passes.merged.branch_model)."""
+    try:
+        from stip.passes.merged import branch_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def branch_of(role: str, path: Path) -> str | None:
+    """Which branch of a merged decoder plays `role` (None: the file is the role's own graph)."""
+    if path.name != MERGED_FILE:
+        return None
+    return "first_token" if role == "decoder" else "with_past"
+
+
+def _branch(model, path: Path, which: str):
+    from stip.passes.merged import branch_model
+
+    m = branch_model(model, path, which)
+    if m is None:
+        raise StipError(f"{path}: no top-level If on a bool input (use_cache_branch): not a merged decoder; pass "
+                        f"{ROLE_FILES['decoder']} and {ROLE_FILES['decoder_with_past']} instead")
+    _drop_placeholder_presents(m)
+    return m
+
+
+def _drop_placeholder_presents(m) -> None:
+    """optimum 2.1's merged seq2seq decoders return Constant placeholders as the with-past branch's cross-attention
+    presents (the cross cache does not change after the first token; optimum's runtime ignores them). A present
+    computed from no input is not a cache: drop it, so its past input is held state like decoder_with_past's."""
+    from stip.runtime.bundle_format import is_cache_output
+
+    const = {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    const |= {t.name for t in m.graph.initializer}
+    keep = [o for o in m.graph.output if not (is_cache_output(o.name) and o.name in const)]
+    if len(keep) != len(m.graph.output):
+        del m.graph.output[:]
+        m.graph.output.extend(keep)
+
+
+def load_role(role: str, path: Path) -> Graph:
+    """One file of the model as the graph of its role, cache and held tensors marked (see Graph.held_in)."""
+    from stip.passes.graph import load_graph, load_model
+
+    which = branch_of(role, path)
+    if which is None:
+        return load_graph(path, held=True)
+    return load_graph(path, model=_branch(load_model(path), path, which), held=True)
+
+
+def original_model(role: str, path: Path) -> Path | bytes:
+    """What onnxruntime loads as the original of `role`: the file, or its merged decoder's branch."""
+    import onnx
+
+    which = branch_of(role, path)
+    if which is None:
+        return path
+    return _branch(onnx.load(str(path)), path, which).SerializeToString()
 
 
 @dataclass

@@ -78,7 +78,10 @@ class Chain:
 
 
 def original_chain(files: dict[str, Path], links: list[list[str]], device: str = "cpu") -> Chain:
-    return Chain({r: make_session(p, device) for r, p in files.items()}, links)
+    """The original files (a merged decoder as its two branches), for the reference side of verify and tests."""
+    from stip.passes.multifile import original_model
+
+    return Chain({r: make_session(original_model(r, p), device) for r, p in files.items()}, links)
 
 
 class MultiDeployment:

@@ -18,7 +18,7 @@ import pytest
 from stip.compiler.keys import read_key
 from stip.compiler.multifile import compile_files
 from stip.passes.errors import StipError
-from stip.passes.multifile import discover
+from stip.passes.multifile import discover, merged_supported
 from stip.runtime.bundle_format import KEY_ID_PROP, Layout, Manifest
 from stip.runtime.generate import Sampler
 from stip.runtime.multifile import MultiGenerator, generate_original, verify_files
@@ -29,6 +29,12 @@ from export_optimum import ExportError  # noqa: E402
 
 pytestmark = pytest.mark.optimum
 HELD = ("last_hidden_state", "encoder_hidden_states", "present.", "past_key_values.")
+PAIR = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+
+
+def pair(src: Path) -> list[Path]:
+    """The export's separate files (a directory would give the merged decoder instead, when stip has that pass)."""
+    return [src / n for n in PAIR if (src / n).exists()]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,7 @@ def seq2seq(tmp_path_factory):
             except ExportError as e:
                 pytest.fail(f"optimum export of {case} failed: {e}", pytrace=False)
             out = root / case
-            compile_files([src], out)
+            compile_files(pair(src), out)
             made[case] = (src, out)
         return made[case]
 
@@ -60,17 +66,18 @@ def test_greedy_generation_equals_the_original_files(seq2seq, case):
     prompt = [5, 17, 42, 8, 99, 3]
     got = list(gen.generate(prompt, 10, Sampler()))
     man = Manifest.read(Layout(out).manifest)
-    want = generate_original(discover([src]), man["links"], "seq2seq", prompt, 10, Sampler(), gen.start_id, None)
+    want = generate_original(discover(pair(src)), man["links"], "seq2seq", prompt, 10, Sampler(), gen.start_id,
+                             None)
     assert len(got) == 10 and got == want
     sampled = list(gen.generate(prompt, 8, Sampler(temperature=1.0, seed=3)))
-    assert sampled == generate_original(discover([src]), man["links"], "seq2seq", prompt, 8,
+    assert sampled == generate_original(discover(pair(src)), man["links"], "seq2seq", prompt, 8,
                                         Sampler(temperature=1.0, seed=3), gen.start_id, None)
 
 
 @pytest.mark.parametrize("case", ["t5", "bart"])
 def test_verify_passes_on_every_call(seq2seq, case):
     src, out = seq2seq(case)
-    checks = verify_files(out, discover([src]), batch=3, seq=7, steps=4, device="cpu")
+    checks = verify_files(out, discover(pair(src)), batch=3, seq=7, steps=4, device="cpu")
     assert [c.name for c in checks] == ["decoder#0:logits"] + [f"decoder_with_past#{k}:logits" for k in range(1, 5)]
     assert all(c.ok for c in checks), [(c.name, c.max_abs) for c in checks]
     assert max(c.max_abs for c in checks) < 1e-4
@@ -147,8 +154,11 @@ def test_ambiguous_inputs_are_refused_precisely(tmp_path):
     only_merged.mkdir()
     for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):
         shutil.copy(src / name, only_merged / name)
-    with pytest.raises(StipError, match="merged decoder .* not supported yet .*--no-post-process"):
-        discover([only_merged])
+    if merged_supported():  # both decoder roles are branches of the merged file
+        assert discover([only_merged])["decoder_with_past"].name == "decoder_model_merged.onnx"
+    else:
+        with pytest.raises(StipError, match="merged decoder .* not supported yet .*--no-post-process"):
+            discover([only_merged])
     odd = tmp_path / "odd"
     odd.mkdir()
     for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"):
@@ -177,19 +187,62 @@ def test_legacy_decoder_pair(tmp_path):
     except ExportError as e:
         pytest.fail(f"optimum 1.27 --legacy export failed: {e}", pytrace=False)
     out = tmp_path / "b"
-    report = compile_files([src], out)
+    report = compile_files(pair(src), out)
     assert set(report["files"]) == {"decoder", "decoder_with_past"}
     assert all(lk[2] == "decoder_with_past" and lk[1].startswith("present.") for lk in report["links"])
     gen = MultiGenerator(out, device="cpu")
     gen.eos_id = None
     prompt = [5, 17, 42, 8]
     got = list(gen.generate(prompt, 10, Sampler()))
-    assert got == generate_original(discover([src]), report["links"], "decoder", prompt, 10, Sampler())
+    assert got == generate_original(discover(pair(src)), report["links"], "decoder", prompt, 10, Sampler())
     assert len(got) == 10
-    checks = verify_files(out, discover([src]), batch=2, seq=6, steps=3, device="cpu")
+    checks = verify_files(out, discover(pair(src)), batch=2, seq=6, steps=3, device="cpu")
     assert all(c.ok for c in checks) and len(checks) == 4
     for f in _graphs(Layout(out).client_dir):
         m = onnx.load(str(f))
         assert not [v.name for v in list(m.graph.input) + list(m.graph.output) if v.name.startswith(HELD)]
     dec = _weights(Layout(out).server_dir / "decoder" / "model.onnx")
     assert _weights(Layout(out).server_dir / "decoder_with_past" / "model.onnx") <= dec
+
+
+@pytest.mark.parametrize("case", ["t5", "bart"])
+def test_merged_seq2seq_decoder_generates_like_the_pair(seq2seq, tmp_path, case):
+    """decoder_model_merged.onnx alone (with the encoder): its two If branches become the decoder and
+    decoder_with_past roles (stip.passes.merged.branch_model), with one key. Greedy generation through that bundle
+    equals the original *pair* files' (decoder_model.onnx + decoder_with_past_model.onnx, written by the same
+    export), a reference independent of the branch extraction."""
+    pytest.importorskip("stip.passes.merged", reason="needs passes/merged.py (the `merged` branch)")
+    src, _ = seq2seq(case)
+    only = tmp_path / "src"
+    only.mkdir()
+    for name in ("encoder_model.onnx", "decoder_model_merged.onnx", "config.json"):
+        shutil.copy(src / name, only / name)
+    out = tmp_path / "b"
+    report = compile_files([only], out)
+    assert set(report["files"]) == {"encoder", "decoder", "decoder_with_past"}
+    gen = MultiGenerator(out, device="cpu")
+    gen.eos_id = None
+    prompt = [5, 17, 42, 8, 99, 3]
+    got = list(gen.generate(prompt, 10, Sampler()))
+    want = generate_original(discover(pair(src)), report["links"], "seq2seq", prompt, 10, Sampler(), gen.start_id, None)
+    assert len(got) == 10 and got == want
+    srv = Layout(out).server_dir
+    assert _weights(srv / "decoder_with_past" / "model.onnx") <= _weights(srv / "decoder" / "model.onnx")
+
+
+def test_merged_legacy_decoder_generates_like_the_pair(tmp_path):
+    """optimum 1.27 --legacy GPT-2 directory as given (merged file and pair): the merged decoder is preferred, its
+    branches compiled with one key; greedy generation equals the original pair's."""
+    pytest.importorskip("stip.passes.merged", reason="needs passes/merged.py (the `merged` branch)")
+    legacy = pytest.importorskip("export_optimum_legacy", reason="needs examples/export_optimum_legacy.py")
+    src = legacy.cached_export("gpt2")
+    out = tmp_path / "b"
+    report = compile_files([src], out)
+    man = Manifest.read(Layout(out).client_dir / "decoder_with_past" / "stip.json")
+    assert man["source"] == "decoder_model_merged.onnx" and man["branch"] == "with_past"
+    gen = MultiGenerator(out, device="cpu")
+    gen.eos_id = None
+    prompt = [5, 17, 42, 8]
+    got = list(gen.generate(prompt, 10, Sampler()))
+    assert len(got) == 10
+    assert got == generate_original(discover(pair(src)), report["links"], "decoder", prompt, 10, Sampler())
