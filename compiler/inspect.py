@@ -37,22 +37,37 @@ def inspect_model(path: Path, private=None, public=None) -> dict:
 
 def inspect_bundle(d: Path) -> dict:
     lay = Layout(d)
-    if not lay.manifest.exists() or not lay.server_model.exists():
+    manifest = Manifest.read(lay.manifest) if lay.manifest.exists() else None
+    roles = list(manifest.get("files") or []) if manifest is not None else []
+    if manifest is None or not (roles or lay.server_model.exists()):
         raise StipError(f"{d}: not a stip bundle (expected {_L.server_model} and {_L.manifest})")
-    manifest = Manifest.read(lay.manifest)
     files = []
     for f in sorted(d.rglob("*")):
         if f.is_file():
             rel = f.relative_to(d).as_posix()
-            files.append({"party": PARTY.get(rel.split("/")[0], "?"), "file": rel, "bytes": f.stat().st_size,
-                          "holds": HOLDS.get(rel) or _external_data(rel)})
+            parts = rel.split("/")
+            generic = f"{parts[0]}/{parts[2]}" if len(parts) == 3 and parts[1] in roles else rel  # <part>/<role>/
+            holds = HOLDS.get(generic) or _external_data(generic)
+            files.append({"party": PARTY.get(parts[0], "?"), "file": rel, "bytes": f.stat().st_size,
+                          "holds": f"{holds} ({parts[1]})" if generic != rel and holds else holds})
     size = lambda top: sum(x["bytes"] for x in files if x["file"].startswith(top + "/"))  # noqa: E731
     report: dict = {"bundle": {
-        "path": str(d), "key_id": manifest.key_id, "server_key_id": model_key_id(lay.server_model),
-        "files": files, "client_bytes": size(CLIENT_DIR), "server_bytes": size(SERVER_DIR),
-        "private_inputs": manifest.private, "public_inputs": manifest.public,
-        "sent_to_server": manifest.crossing + manifest.public, "outputs": manifest.outputs,
-    }}
+        "path": str(d), "key_id": manifest.key_id, "files": files, "client_bytes": size(CLIENT_DIR),
+        "server_bytes": size(SERVER_DIR)}}
+    if roles:  # several files, one key (stip.compiler.multifile)
+        subs = {r: Manifest.read(lay.client_dir / r / _L.manifest.name) for r in roles}
+        report["bundle"].update({
+            "server_key_id": {r: model_key_id(lay.server_dir / r / _L.server_model.name) for r in roles},
+            "roles": manifest["files"], "links": manifest["links"],
+            "private_inputs": {r: m.private for r, m in subs.items()},
+            "public_inputs": {r: m.public for r, m in subs.items()},
+            "sent_to_server": {r: m.crossing + m.public for r, m in subs.items()},
+            "outputs": {r: m.outputs for r, m in subs.items()}})
+    else:
+        report["bundle"].update({
+            "server_key_id": model_key_id(lay.server_model), "private_inputs": manifest.private,
+            "public_inputs": manifest.public, "sent_to_server": manifest.crossing + manifest.public,
+            "outputs": manifest.outputs})
     rep = lay.report
     if rep.exists():
         full = json.loads(rep.read_text())

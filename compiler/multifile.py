@@ -63,7 +63,7 @@ def _client_axes(g, axes: dict) -> dict:
 @interruptible()
 def compile_files(paths: list[str | Path], out_dir: str | Path, *, force: bool = False,
                   tokenizer: str | Path | None = None, check: bool = True, progress=None) -> dict:
-    from stip.compiler.pipeline import _build, _Plan, _save, analyse
+    from stip.compiler.pipeline import _build, _Plan, _save, analyse, copy_tokenizer
 
     step = progress or (lambda _label, _total: (lambda: None))
     out = output_path(out_dir)
@@ -115,7 +115,7 @@ def compile_files(paths: list[str | Path], out_dir: str | Path, *, force: bool =
                    "kind": "seq2seq" if "encoder" in analyses else "decoder",
                    "generation": _generation_config(files)}
             if tokenizer is not None:
-                shutil.copytree(tokenizer, lay.client_dir / TOKENIZER_DIR)
+                copy_tokenizer(tokenizer, lay.client_dir / TOKENIZER_DIR)
                 top["tokenizer"] = TOKENIZER_DIR
             Manifest.from_dict(top, str(Layout(out).manifest)).write(lay.manifest)
             write_key(lay.key, key_id, key_entries(perms))

@@ -83,6 +83,22 @@ def analyse(model_path: str | Path, private: list[str] | None = None, public: li
     return Analysis(g, sol, part, refusals)
 
 
+# What --tokenizer ships to users: tokenizer files only. The directory is often the one optimum exported the model
+# into, so copying all of it would hand users the plaintext .onnx files (measured: it did).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def copy_tokenizer(src: str | Path, dst: Path) -> None:
+    found = [Path(src) / n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
+    if not found:
+        raise StipError(f"--tokenizer {src}: no tokenizer files there (expected {', '.join(TOKENIZER_FILES[:3])})")
+    dst.mkdir()
+    for f in found:
+        shutil.copyfile(f, dst / f.name)
+
+
 def _save(model: onnx.ModelProto, path: Path, external: str) -> None:
     size = weight_bytes(model)  # not ByteSize(): upb computes it by serializing the whole model
     if external == "always" or (external == "auto" and size > EXTERNAL_DATA_THRESHOLD):
@@ -149,7 +165,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
                     _save(m, path, external_data if part_name == "server" else "never")
             del bundle  # on disk now: the self-check loads it as sessions, so drop the in-memory copy first
             if tokenizer is not None:
-                shutil.copytree(tokenizer, lay.client_dir / TOKENIZER_DIR)
+                copy_tokenizer(tokenizer, lay.client_dir / TOKENIZER_DIR)
                 manifest["tokenizer"] = TOKENIZER_DIR
             Manifest.from_dict(manifest, str(Layout(out).manifest)).write(lay.manifest)
             write_key(lay.key, manifest["key_id"], key)

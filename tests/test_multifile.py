@@ -246,3 +246,23 @@ def test_merged_legacy_decoder_generates_like_the_pair(tmp_path):
     got = list(gen.generate(prompt, 10, Sampler()))
     assert len(got) == 10
     assert got == generate_original(discover(pair(src)), report["links"], "decoder", prompt, 10, Sampler())
+
+
+def test_text_prompt_with_the_tokenizer_beside_the_files(tmp_path):
+    """--tokenizer pointing at optimum's output directory ships the tokenizer files only, never the .onnx files;
+    --prompt then encodes on the client and generation matches the originals fed the same ids."""
+    src = export_multifile.cached_export("t5")
+    out = tmp_path / "b"
+    compile_files(pair(src), out, tokenizer=src, check=False)
+    shipped = sorted(f.name for f in (Layout(out).client_dir / "tokenizer").iterdir())
+    assert "tokenizer.json" in shipped and not [n for n in shipped if n.endswith((".onnx", ".data", ".log"))]
+    gen = MultiGenerator(out, device="cpu")
+    gen.eos_id = None
+    prompt = gen.encode("hello world")
+    assert prompt and all(0 <= t < gen.vocab for t in prompt)
+    got = list(gen.generate(prompt, 8, Sampler()))
+    man = Manifest.read(Layout(out).manifest)
+    assert got == generate_original(discover(pair(src)), man["links"], "seq2seq", prompt, 8, Sampler(),
+                                    gen.start_id, None)
+    with pytest.raises(StipError, match="no tokenizer files"):
+        compile_files(pair(src), tmp_path / "c", tokenizer=tmp_path, check=False)
