@@ -203,10 +203,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     server = None
     if is_multifile_bundle(a.bundle):
-        if a.server:
-            raise StipError(f"--server: {a.bundle} holds several files; remote serving of multi-file bundles is not "
-                            "supported yet: run without --server (the server part then runs in this process)")
-        gen = MultiGenerator(a.bundle, device=a.device, start_id=a.decoder_start_id)
+        if a.server:  # stip serve of the bundle: one model per file, named MODEL_NAME.ROLE
+            from stip.runtime.bundle_format import Manifest, find_client_dir
+            from stip.runtime.multifile import RemoteChain
+            from stip.runtime.remote import read_token
+
+            roles = list(Manifest.read(find_client_dir(a.bundle) / "stip.json")["files"])
+            server = RemoteChain(a.server, a.model_name, roles, token=read_token(a.token_file), ca_cert=a.ca_cert)
+        gen = MultiGenerator(a.bundle, device=a.device, start_id=a.decoder_start_id, server=server)
     elif a.decoder_start_id is not None:
         raise StipError("--decoder-start-id: only for seq2seq bundles (several files)")
     elif a.server:

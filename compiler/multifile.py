@@ -26,7 +26,7 @@ from stip.compiler.output import (
 )
 from stip.passes.errors import StipError
 from stip.passes.multifile import ROLE_FILES, branch_of, discover, draw_joint, find_links, key_entries, load_role, unify
-from stip.runtime.bundle_format import TOKENIZER_DIR, Layout, Manifest
+from stip.runtime.bundle_format import CACHE_SHAPE_SUFFIX, CHAIN_PROP, TOKENIZER_DIR, Layout, Manifest
 
 GENERATION_KEYS = ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
 
@@ -91,10 +91,19 @@ def compile_files(paths: list[str | Path], out_dir: str | Path, *, force: bool =
             for role, a in analyses.items():
                 g = a.graph
                 bundle, report, manifest, _ = _build(_Plan(a, perms[role], key_id, "server", None), step, {})
+                shape_of = [i.name[: -len(CACHE_SHAPE_SUFFIX)] for i in bundle.pre.graph.input
+                            if i.name.endswith(CACHE_SHAPE_SUFFIX)]
+                if set(shape_of) & set(g.held_in):
+                    held = next(x for x in shape_of if x in g.held_in)
+                    raise StipError(f"{files[role]}: the client graph needs the shape of '{held}', which another "
+                                    "file writes on the server; multi-file compiles do not support this yet")
                 sub = Layout(tmp / "_" / role)  # server/<role>, client/<role>
                 srv, cli = lay.server_dir / role, lay.client_dir / role
                 srv.mkdir()
                 cli.mkdir()
+                bundle.server.metadata_props.add(key=CHAIN_PROP, value=json.dumps(
+                    {"role": role, "roles": list(analyses), "links": [[lk.src, lk.output, lk.dst, lk.input]
+                                                                      for lk in links]}))
                 _save(bundle.server, srv / sub.server_model.name, "auto")
                 _save(bundle.pre, cli / sub.pre.name, "never")
                 if bundle.post.graph.output:

@@ -33,6 +33,7 @@ KEY_FILE, REPORT_FILE = "key.npz", "report.json"  # in developer/
 KEY_ID_PROP = "stip.key_id"    # ONNX metadata_props of all three graphs: which compile they come from
 ROLE_PROP = "stip.role"        # ... and which part each one is
 ROLES = {"pre": "client.pre", "server": "server", "post": "client.post"}
+CHAIN_PROP = "stip.chain"      # multi-file bundles' server graphs: {"role", "roles", "links"} (names only)
 KEY_ID_PARAMETER = "stip_key_id"  # the key id in OIP model metadata and Triton's config parameters
 CACHE_SHAPE_SUFFIX = ".shape"     # pre.onnx input `<cache input>.shape`: the client fills in the cache's shape
 
@@ -99,7 +100,8 @@ def find_server_dir(path: str | Path) -> Path:
         roles = sorted(x.name for x in d.iterdir() if (x / SERVER_MODEL).is_file()) if d.is_dir() else []
         if roles:
             raise StipError(f"{p}: a bundle of several files ({', '.join(roles)}); this command takes one file's "
-                            "server graph, and multi-file bundles are run with `stip generate` / `stip verify`")
+                            "server graph: multi-file bundles run with `stip serve`, `stip generate` and "
+                            "`stip verify`")
     raise StipError(f"{p}: not a stip server bundle (no {SERVER_MODEL}, nor {SERVER_DIR}/{SERVER_MODEL})")
 
 
@@ -284,11 +286,13 @@ def pair_cache(inputs: list[str], outputs: list[str], where: str = "graph") -> l
         want = expected_output(name)
         if want not in outputs:
             raise StipError(f"{where}: cache input '{name}' has no matching output '{want}' "
-                            "(a decoder's cache inputs must pair with its present outputs)")
+                            "(a decoder's cache inputs must pair with its present outputs; if this file is one of "
+                            "several that optimum wrote, compile them together: stip compile DIR -o OUT)")
         pairs.append((name, want))
     paired = {o for _, o in pairs}
     for o in outputs:
         if is_cache_output(o) and o not in paired:
             raise StipError(f"{where}: cache output '{o}' has no matching input "
-                            f"'{o.replace('present', 'past_key_values', 1)}'")
+                            f"'{o.replace('present', 'past_key_values', 1)}' (if this file is one of several that "
+                            "optimum wrote, compile them together: stip compile DIR -o OUT)")
     return pairs

@@ -87,7 +87,8 @@ def original_chain(files: dict[str, Path], links: list[list[str]], device: str =
 class MultiDeployment:
     """Client and server of a multi-file bundle in one process (verify, generate, tests)."""
 
-    def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: int = 0):
+    def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: int = 0, server=None):
+        """`server`: a RemoteChain (stip serve of the bundle's server part); default: the server graphs here."""
         client_dir = find_client_dir(bundle_dir)
         self.manifest = Manifest.read(client_dir / "stip.json")
         files = self.manifest.get("files")
@@ -95,6 +96,14 @@ class MultiDeployment:
             raise StipError(f"{bundle_dir}: a one-file bundle; this runner is for bundles of several files")
         self.roles = list(files)
         self.clients = {r: Client(client_dir / r, "cpu", threads) for r in self.roles}
+        self.remote = server
+        self.links = self.manifest["links"]
+        self.client_dir = client_dir
+        self.sessions = {}
+        if server is not None:
+            for r in self.roles:
+                self.clients[r].check_server(server.servers[r].key_id, server.servers[r].where)
+            return
         sessions = {}
         for r in self.roles:
             path = client_dir.parent / SERVER_DIR / r / SERVER_MODEL
@@ -103,8 +112,6 @@ class MultiDeployment:
             self.clients[r].check_server(model_key_id(path), str(path))
             sessions[r] = make_session(path, device, threads)
         self.sessions = sessions
-        self.links = self.manifest["links"]
-        self.client_dir = client_dir
 
     def sequence(self) -> BundleSequence:
         return BundleSequence(self)
@@ -115,7 +122,7 @@ class BundleSequence:
 
     def __init__(self, dep: MultiDeployment):
         self.dep = dep
-        self.server = Chain(dep.sessions, dep.links)
+        self.server = dep.remote.sequence() if dep.remote is not None else Chain(dep.sessions, dep.links)
 
     def run(self, role: str, feeds: dict[str, np.ndarray], past_length: int = 0) -> dict[str, np.ndarray]:
         c = self.dep.clients[role]
@@ -239,10 +246,11 @@ class MultiGenerator:
     """`stip generate` for bundles of several files: encode on the server, then decode with the self-attention
     and cross-attention caches held by the server; the user's side sees only its own ids and the logits."""
 
-    def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: int = 0, start_id: int | None = None):
+    def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: int = 0, start_id: int | None = None,
+                 server=None):
         from stip.runtime.generate import _load_tokenizer
 
-        self.dep = MultiDeployment(bundle_dir, device, threads)
+        self.dep = MultiDeployment(bundle_dir, device, threads, server)
         man = self.dep.manifest
         gen = man.get("generation") or {}
         self.kind = man.get("kind", "decoder")
@@ -274,3 +282,40 @@ class MultiGenerator:
                                        self.start_id, self.eos_id)
         finally:
             seq.close()
+
+
+class RemoteChain:
+    """The server part of a multi-file bundle behind `stip serve`: one model `NAME.ROLE` per file, one sequence id
+    for a whole generation (the server keeps the encoder output and caches under it)."""
+
+    def __init__(self, url: str, name: str, roles: list[str], token: str | None = None, ca_cert=None):
+        from stip.runtime.remote import RemoteServer
+
+        self.roles = roles
+        self.servers = {r: RemoteServer(url, f"{name}.{r}", token=token, ca_cert=ca_cert) for r in roles}
+
+    def sequence(self) -> RemoteChainSequence:
+        return RemoteChainSequence(self)
+
+
+class RemoteChainSequence:
+    def __init__(self, chain: RemoteChain):
+        import secrets
+
+        self.chain = chain
+        self.id = secrets.randbits(62) | (1 << 62)  # as RemoteSequence: never guessable, within int64
+        self.started = False
+
+    def run(self, role: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        params = {"sequence_id": self.id, "sequence_start": not self.started, "sequence_end": False}
+        out = self.chain.servers[role].run(feeds, params)
+        self.started = True
+        return out
+
+    def close(self) -> None:
+        if self.started:
+            self.started = False
+            try:
+                self.chain.servers[self.chain.roles[0]].end_sequence(self.id)
+            except Exception:  # noqa: BLE001 - best effort; the server frees it at its idle timeout
+                pass

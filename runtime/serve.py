@@ -112,8 +112,12 @@ def serve(specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, device
 
             grpc = GrpcEndpoint(host, grpc_port, limits, tls_cert, tls_key)
         budget = MemoryBudget(limits.max_memory)
-        models = [Model(n, d, device=device, threads=threads, io_binding=io_binding, limits=limits, budget=budget)
-                  for n, d in parse_model_args(specs, model_name)]
+        from stip.runtime.serve_chain import chain_models
+
+        models = []
+        for n, d in parse_model_args(specs, model_name):
+            kw = dict(device=device, threads=threads, io_binding=io_binding, limits=limits, budget=budget)
+            models += chain_models(n, d, **kw) or [Model(n, d, **kw)]  # several files: one model per file
         for m in models:
             kind = f"KV cache ({len(m.pairs)} tensors, server-held)" if m.stateful else "stateless"
             log.info("model '%s' from %s: key id %s, ONNX Runtime providers %s%s, %s", m.name, m.path, m.key_id,

@@ -48,9 +48,10 @@ class Model:
         self.limits = limits or Limits()
         self.budget = budget or MemoryBudget(self.limits.max_memory)
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
-        self.pairs = pair_cache([i.name for i in ins], [o.name for o in outs], str(self.path))
-        cache_in = {p for p, _ in self.pairs}
-        cache_out = {o for _, o in self.pairs}
+        self.pairs = self._cache_pairs([i.name for i in ins], [o.name for o in outs])
+        held_in, held_out = self._held()
+        cache_in = {p for p, _ in self.pairs} | held_in
+        cache_out = {o for _, o in self.pairs} | held_out
         where = str(self.path)
         self.inputs = [tensor_spec(i, where) for i in ins if i.name not in cache_in]
         self.outputs = [tensor_spec(o, where) for o in outs if o.name not in cache_out]
@@ -82,6 +83,13 @@ class Model:
             log.warning("model '%s': symbolic shape inference failed (%s); memory is estimated as 64x the request's "
                         "input bytes", name, str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
             self.memory = None
+
+    def _cache_pairs(self, ins: list[str], outs: list[str]) -> list[tuple[str, str]]:
+        return pair_cache(ins, outs, str(self.path))
+
+    def _held(self) -> tuple[set[str], set[str]]:
+        """Inputs and outputs that other files of a multi-file model share on the server (serve_chain.py)."""
+        return set(), set()
 
     @property
     def stateful(self) -> bool:

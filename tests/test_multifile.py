@@ -143,8 +143,9 @@ def test_cli_compile_generate_verify(tmp_path):
     assert r.returncode == 0 and "PASS: original files" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([*stip, "generate", str(out), "--prompt-ids", "5", "--server", "http://127.0.0.1:1"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "not supported yet" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([*stip, "serve", str(out), "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "stip.encoder" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*stip, "export-triton", str(out), "-o", str(tmp_path / "t")], capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 2 and "a bundle of several files" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -266,3 +267,40 @@ def test_text_prompt_with_the_tokenizer_beside_the_files(tmp_path):
                                     gen.start_id, None)
     with pytest.raises(StipError, match="no tokenizer files"):
         compile_files(pair(src), tmp_path / "c", tokenizer=tmp_path, check=False)
+
+
+@pytest.mark.parametrize("case", ["bart"])
+def test_serve_hosts_a_multi_file_bundle(seq2seq, tmp_path, case):
+    """`stip serve BUNDLE`: one model per file (stip.encoder, stip.decoder, stip.decoder_with_past) sharing one
+    sequence store; `stip generate --server` encodes and decodes remotely, the encoder output and both caches
+    held by the server under one sequence id. Same tokens as in process; sequences must start with the encoder."""
+    import httpx
+    from serve_helpers import BIG, ServerProcess, json_request
+
+    from stip.runtime.multifile import RemoteChain
+
+    src, out = seq2seq(case)
+    srv = ServerProcess([str(out)], tmp_path / "serve.log")
+    try:
+        meta = httpx.get(srv.url + "/v2/models/stip.decoder").json()
+        assert not [t["name"] for t in meta["inputs"] + meta["outputs"] if t["name"].startswith(HELD)]
+        prompt = [5, 17, 42, 8, 99, 3]
+        local = MultiGenerator(out, device="cpu")
+        local.eos_id = None
+        remote = MultiGenerator(out, device="cpu", server=RemoteChain(srv.url, "stip", local.dep.roles))
+        remote.eos_id = None
+        got = list(remote.generate(prompt, 9, Sampler()))
+        assert len(got) == 9 and got == list(local.generate(prompt, 9, Sampler()))
+        ids = np.array([[local.start_id]], dtype=np.int64)
+        to_server, _ = local.dep.clients["decoder"].prepare({"input_ids": ids, "encoder_attention_mask":
+                                                             np.ones((1, 6), np.int64)})
+        r = httpx.post(srv.url + "/v2/models/stip.decoder/infer",
+                       json=json_request(to_server, sequence_id=BIG + 7, sequence_start=True))
+        assert r.status_code == 400 and "starts with model 'stip.encoder'" in r.text
+        r = httpx.post(srv.url + "/v2/models/stip.decoder/infer", json=json_request(to_server))
+        assert r.status_code == 400 and "belongs to a sequence" in r.text
+        r = httpx.post(srv.url + "/v2/models/stip.decoder/infer", json=json_request(to_server, sequence_id=BIG + 8))
+        assert r.status_code == 400 and "unknown sequence id" in r.text
+        assert srv.alive()
+    finally:
+        srv.stop()
