@@ -276,6 +276,16 @@ class MultiGenerator:
         bad = [t for t in prompt if self.vocab is not None and not 0 <= t < self.vocab]
         if bad:
             raise StipError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})")
+        limits = {r: c.manifest.max_context for r, c in self.dep.clients.items() if c.manifest.max_context}
+        if self.kind == "seq2seq":  # the encoder reads the prompt; the decoder its start token and the new ones
+            need = {"encoder": len(prompt), "decoder": max_new_tokens, "decoder_with_past": max_new_tokens}
+        else:
+            need = dict.fromkeys(self.dep.roles, len(prompt) + max_new_tokens)
+        over = [(r, n, limits[r]) for r, n in need.items() if r in limits and n > limits[r]]
+        if over:
+            r, n, limit = over[0]
+            raise StipError(f"{n} tokens exceed the {limit}-token context of the model's {r} (prompt of "
+                            f"{len(prompt)}, {max_new_tokens} new tokens); use a shorter prompt or fewer new tokens")
         seq = self.dep.sequence()
         try:
             yield from generate_tokens(seq.run, self.kind, prompt, max_new_tokens, sampler or Sampler(),

@@ -69,6 +69,12 @@ def test_greedy_generation_equals_the_original_files(seq2seq, case):
     want = generate_original(discover(pair(src)), man["links"], "seq2seq", prompt, 10, Sampler(), gen.start_id,
                              None)
     assert len(got) == 10 and got == want
+    gen.eos_id = got[0]  # eos stops generation after it is emitted
+    assert list(gen.generate(prompt, 10, Sampler())) == [got[0]]
+    gen.eos_id = None
+    if case == "bart":  # learned position tables of 64 rows (T5's relative positions have no limit)
+        with pytest.raises(StipError, match="75 tokens exceed the 64-token context of the model's encoder"):
+            list(gen.generate(list(range(5, 80)), 4, Sampler()))
     sampled = list(gen.generate(prompt, 8, Sampler(temperature=1.0, seed=3)))
     assert sampled == generate_original(discover(pair(src)), man["links"], "seq2seq", prompt, 8,
                                         Sampler(temperature=1.0, seed=3), gen.start_id, None)
@@ -304,3 +310,23 @@ def test_serve_hosts_a_multi_file_bundle(seq2seq, tmp_path, case):
         assert srv.alive()
     finally:
         srv.stop()
+
+
+def test_link_and_start_token_refusals(seq2seq):
+    """A linked tensor whose layout differs between the files is refused naming both; a seq2seq bundle without a
+    decoder start token asks for --decoder-start-id."""
+    from stip.passes.multifile import Link, find_links, load_role, unify
+    from stip.passes.solve import solve
+
+    src, out = seq2seq("t5")
+    graphs = {r: load_role(r, p) for r, p in discover(pair(src)).items()}
+    links = find_links(graphs)
+    sols = {r: solve(g) for r, g in graphs.items()}
+    bad = links + [Link("encoder", "last_hidden_state", "decoder", "encoder_attention_mask")]
+    with pytest.raises(StipError, match="input 'encoder_attention_mask' has shape .* but encoder_model.onnx writes "
+                                        "'last_hidden_state'"):
+        unify(graphs, sols, bad)
+    gen = MultiGenerator(out, device="cpu")
+    gen.start_id = None
+    with pytest.raises(StipError, match="--decoder-start-id"):
+        list(gen.generate([5, 6], 3, Sampler()))
