@@ -27,21 +27,24 @@ def chain_roles(path: str | Path) -> list[Path] | None:
     """The role directories of a multi-file bundle's server part (bundle root or server/), in run order, or None."""
     p = Path(path)
     for d in (p, p / SERVER_DIR):
-        dirs = [x for x in d.iterdir() if (x / SERVER_MODEL).is_file()] if d.is_dir() else []
-        if dirs:
-            info = _chain_info(dirs[0] / SERVER_MODEL)
+        if (d / SERVER_MODEL).is_file():  # a one-file bundle
+            return None
+        dirs = sorted(x for x in d.iterdir() if (x / SERVER_MODEL).is_file()) if d.is_dir() else []
+        info = _chain_info(dirs[0] / SERVER_MODEL) if dirs else None
+        if info is not None:
+            missing = [r for r in info["roles"] if not (d / r / SERVER_MODEL).is_file()]
+            if missing:
+                raise StipError(f"{d}: the server part of a multi-file bundle without its file '{missing[0]}' "
+                                f"({d / missing[0] / SERVER_MODEL})")
             return [d / r for r in info["roles"]]
     return None
 
 
-def _chain_info(path: Path) -> dict:
+def _chain_info(path: Path) -> dict | None:
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    if CHAIN_PROP not in props:
-        raise StipError(f"{path}: a server graph of a multi-file bundle without its {CHAIN_PROP} metadata; "
-                        "recompile the bundle")
-    return json.loads(props[CHAIN_PROP])
+    return json.loads(props[CHAIN_PROP]) if CHAIN_PROP in props else None
 
 
 class ChainState:
@@ -59,6 +62,9 @@ class ChainModel(Model):
 
     def __init__(self, name: str, role_dir: Path, **kw):
         info = _chain_info(role_dir / SERVER_MODEL)
+        if info is None:
+            raise StipError(f"{role_dir / SERVER_MODEL}: not a server graph of a multi-file bundle (no {CHAIN_PROP} "
+                            "metadata)")
         self.role, self.roles, self.links = info["role"], info["roles"], info["links"]
         super().__init__(name, role_dir, **kw)
         self.io_binding = False  # host state: shared between sessions of several files
