@@ -132,7 +132,15 @@ def _verify_files(a: argparse.Namespace) -> int:
     from stip.passes.multifile import discover
     from stip.runtime.multifile import verify_files
 
-    checks = verify_files(a.bundle, discover([Path(p) for p in a.original]), batch=a.batch, seq=a.seq,
+    files = discover([Path(p) for p in a.original])
+    if a.atol is None or a.rtol is None:
+        from stip.compiler.selfcheck import output_tolerances
+
+        # as for one file: the least precise float any of the files computes in
+        floor = max([1e-4, *(t for f in set(files.values()) for t in output_tolerances(f).values())])
+        a.atol = floor if a.atol is None else a.atol
+        a.rtol = floor if a.rtol is None else a.rtol
+    checks = verify_files(a.bundle, files, batch=a.batch, seq=a.seq,
                           steps=a.past, seed=a.seed, atol=a.atol, rtol=a.rtol, device=a.device)
     ok = all(c.ok for c in checks)
     if a.json:
