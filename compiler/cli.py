@@ -120,8 +120,9 @@ def _compile_files(a: argparse.Namespace) -> int:
     chk = report["self_check"]
     if isinstance(chk, dict):
         worst = max(chk["outputs"], key=lambda r: r["max_abs"])
-        print(f"checked: encode/prefill/decode through the bundle matches the original files on "
-              f"{len(chk['outputs'])} calls (largest diff {worst['max_abs']:.2g} on '{worst['output']}')")
+        what = "encode, prefill and decode" if "encoder" in report["files"] else "prefill and decode"
+        print(f"checked: {what} through the bundle match the original files on {len(chk['outputs'])} decoder "
+              f"calls (largest diff {worst['max_abs']:.2g} on '{worst['output']}')")
     else:
         print("not checked (--no-check): run `stip verify` before shipping the bundle")
     print(f"next: stip verify {a.output} --original {' '.join(a.model)}")
