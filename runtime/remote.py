@@ -106,9 +106,10 @@ class RemoteServer:
         self.key_id = meta.get("parameters", {}).get(KEY_ID_PARAMETER) or self._key_id_from_config()
         if not self.key_id:
             raise StipError(f"{self.where}: not a stip server graph (no {KEY_ID_PARAMETER} in model metadata)")
-        self.input_names = [i["name"] for i in meta["inputs"]]
-        self.output_names = [o["name"] for o in meta["outputs"]]
-        self._types = {i["name"]: i["datatype"] for i in meta["inputs"]}
+        # gRPC's JSON leaves out empty lists: a seq2seq encoder's server graph returns nothing to the client
+        self.input_names = [i["name"] for i in meta.get("inputs", [])]
+        self.output_names = [o["name"] for o in meta.get("outputs", [])]
+        self._types = {i["name"]: i["datatype"] for i in meta.get("inputs", [])}
 
     def _timeout(self) -> dict:
         return {"client_timeout": self.timeout} if self.grpc else {}

@@ -278,15 +278,16 @@ def test_text_prompt_with_the_tokenizer_beside_the_files(tmp_path):
 @pytest.mark.parametrize("case", ["bart"])
 def test_serve_hosts_a_multi_file_bundle(seq2seq, tmp_path, case):
     """`stip serve BUNDLE`: one model per file (stip.encoder, stip.decoder, stip.decoder_with_past) sharing one
-    sequence store; `stip generate --server` encodes and decodes remotely, the encoder output and both caches
-    held by the server under one sequence id. Same tokens as in process; sequences must start with the encoder."""
+    sequence store; `stip generate --server` encodes and decodes remotely (HTTP and gRPC), the encoder output and
+    both caches held by the server under one sequence id. Same tokens as in process; sequences must start with the
+    encoder."""
     import httpx
     from serve_helpers import BIG, ServerProcess, json_request
 
     from stip.runtime.multifile import RemoteChain
 
     src, out = seq2seq(case)
-    srv = ServerProcess([str(out)], tmp_path / "serve.log")
+    srv = ServerProcess([str(out)], tmp_path / "serve.log", grpc=True)
     try:
         meta = httpx.get(srv.url + "/v2/models/stip.decoder").json()
         assert not [t["name"] for t in meta["inputs"] + meta["outputs"] if t["name"].startswith(HELD)]
@@ -297,6 +298,9 @@ def test_serve_hosts_a_multi_file_bundle(seq2seq, tmp_path, case):
         remote.eos_id = None
         got = list(remote.generate(prompt, 9, Sampler()))
         assert len(got) == 9 and got == list(local.generate(prompt, 9, Sampler()))
+        over_grpc = MultiGenerator(out, device="cpu", server=RemoteChain(srv.grpc_url, "stip", local.dep.roles))
+        over_grpc.eos_id = None
+        assert list(over_grpc.generate(prompt, 9, Sampler())) == got
         ids = np.array([[local.start_id]], dtype=np.int64)
         to_server, _ = local.dep.clients["decoder"].prepare({"input_ids": ids, "encoder_attention_mask":
                                                              np.ones((1, 6), np.int64)})
