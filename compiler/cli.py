@@ -99,18 +99,19 @@ def cmd_audit(a: argparse.Namespace) -> int:
 
 def _compile_files(a: argparse.Namespace) -> int:
     """Several files of one model (a directory optimum wrote, or the files): one bundle, one key."""
+    from stip.compiler.external import parse_size
     from stip.compiler.multifile import compile_files
 
     for flag, value, default in (("--private", a.private, None), ("--public", a.public, None),
-                                 ("--head", a.head, "server"), ("--max-context", a.max_context, None),
-                                 ("--shard-size", a.shard_size, None), ("--external-data", a.external_data, "auto")):
+                                 ("--head", a.head, "server"), ("--max-context", a.max_context, None)):
         if value != default and value:
             raise StipError(f"{flag}: not supported when compiling several files ({' '.join(a.model)}); "
                             "compile without it")
     step, ctx = _progress(a.quiet)
     with ctx:
         report = compile_files(a.model, a.output, force=a.force, tokenizer=a.tokenizer, check=a.check,
-                               progress=step)
+                               progress=step, external_data=a.external_data,
+                               shard_size=parse_size(a.shard_size, "--shard-size") if a.shard_size else None)
     sizes = report["bundle_sizes"]
     print(f"wrote {a.output}  key id {report['key_id']}  {len(report['files'])} files "
           f"({', '.join(report['files'])}), {len(report['links'])} server-held tensors between them")

@@ -26,7 +26,16 @@ from stip.compiler.output import (
 )
 from stip.passes.errors import StipError
 from stip.passes.multifile import ROLE_FILES, branch_of, discover, draw_joint, find_links, key_entries, load_role, unify
-from stip.runtime.bundle_format import CACHE_SHAPE_SUFFIX, CHAIN_PROP, TOKENIZER_DIR, Layout, Manifest
+from stip.runtime.bundle_format import (
+    CACHE_SHAPE_SUFFIX,
+    CHAIN_PROP,
+    POST_MODEL,
+    PRE_MODEL,
+    SERVER_MODEL,
+    TOKENIZER_DIR,
+    Layout,
+    Manifest,
+)
 
 GENERATION_KEYS = ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
 
@@ -62,14 +71,23 @@ def _client_axes(g, axes: dict) -> dict:
 
 @interruptible()
 def compile_files(paths: list[str | Path], out_dir: str | Path, *, force: bool = False,
-                  tokenizer: str | Path | None = None, check: bool = True, progress=None) -> dict:
-    from stip.compiler.pipeline import _build, _Plan, _save, analyse, copy_tokenizer
+                  tokenizer: str | Path | None = None, check: bool = True, progress=None,
+                  external_data: str = "auto", shard_size: int | None = None) -> dict:
+    """As compile_model, for several files: weights stream into each file's server graph as they are folded
+    (external data when over the threshold or asked, sharded with `shard_size`)."""
+    from types import SimpleNamespace
+
+    from stip.compiler.pipeline import _build, _Plan, _save, _writers, analyse, copy_tokenizer
+    from stip.compiler.serialize import write_model
 
     step = progress or (lambda _label, _total: (lambda: None))
     out = output_path(out_dir)
     check_output_dir(out, force)
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise StipError(f"--tokenizer {tokenizer}: not a directory")
+    if shard_size is not None and (shard_size < 1 or external_data == "never"):
+        raise StipError(f"--shard-size {shard_size}: must be positive, and cannot be combined with "
+                        "--external-data never")
     files = discover([Path(p) for p in paths])
     tick = step("analysing graphs", None)
     graphs = {role: load_role(role, path) for role, path in files.items()}
@@ -90,24 +108,37 @@ def compile_files(paths: list[str | Path], out_dir: str | Path, *, force: bool =
             reports = {}
             for role, a in analyses.items():
                 g = a.graph
-                bundle, report, manifest, _ = _build(_Plan(a, perms[role], key_id, "server", None), step, {})
+                srv, cli = lay.server_dir / role, lay.client_dir / role
+                srv.mkdir()
+                cli.mkdir()
+                plan = _Plan(a, perms[role], key_id, "server", None)
+                paths = SimpleNamespace(server_model=srv / SERVER_MODEL, pre=cli / PRE_MODEL, post=cli / POST_MODEL)
+                writers = _writers(plan, paths, external_data, shard_size)
+                try:
+                    bundle, report, manifest, _ = _build(plan, step, writers)
+                except BaseException:
+                    for w in writers.values():
+                        w.close()
+                    raise
                 shape_of = [i.name[: -len(CACHE_SHAPE_SUFFIX)] for i in bundle.pre.graph.input
                             if i.name.endswith(CACHE_SHAPE_SUFFIX)]
                 if set(shape_of) & set(g.held_in):
                     held = next(x for x in shape_of if x in g.held_in)
                     raise StipError(f"{files[role]}: the client graph needs the shape of '{held}', which another "
                                     "file writes on the server; multi-file compiles do not support this yet")
-                sub = Layout(tmp / "_" / role)  # server/<role>, client/<role>
-                srv, cli = lay.server_dir / role, lay.client_dir / role
-                srv.mkdir()
-                cli.mkdir()
                 bundle.server.metadata_props.add(key=CHAIN_PROP, value=json.dumps(
                     {"role": role, "roles": list(analyses), "links": [[lk.src, lk.output, lk.dst, lk.input]
                                                                       for lk in links]}))
-                _save(bundle.server, srv / sub.server_model.name, "auto")
-                _save(bundle.pre, cli / sub.pre.name, "never")
-                if bundle.post.graph.output:
-                    _save(bundle.post, cli / sub.post.name, "never")
+                for part, path in (("server", paths.server_model), ("pre", paths.pre), ("post", paths.post)):
+                    m = getattr(bundle, part)
+                    if part == "post" and not m.graph.output and part not in writers:
+                        continue  # every output stays on the server (an encoder): no post graph
+                    if part in writers:
+                        writers[part].finish(m.graph)
+                        write_model(m, path)
+                    else:
+                        _save(m, path, external_data if part == "server" else "never")
+                del bundle
                 held_in = set(g.held_in)
                 manifest["inputs"] = [n for n in manifest["inputs"] if n not in held_in]
                 manifest["public"] = [n for n in manifest["public"] if n not in held_in]

@@ -334,3 +334,21 @@ def test_link_and_start_token_refusals(seq2seq):
     gen.start_id = None
     with pytest.raises(StipError, match="--decoder-start-id"):
         list(gen.generate([5, 6], 3, Sampler()))
+
+
+def test_sharded_external_data(tmp_path):
+    """--external-data always --shard-size: each file's server weights stream into shards beside its graph; the
+    bundle still generates like the originals and verifies."""
+    src = export_multifile.cached_export("t5")
+    out = tmp_path / "b"
+    compile_files(pair(src), out, external_data="always", shard_size=16 << 10)
+    for role in ("encoder", "decoder", "decoder_with_past"):
+        names = sorted(f.name for f in (Layout(out).server_dir / role).iterdir())
+        assert "model.onnx" in names and len([n for n in names if n.endswith(".onnx.data")]) >= 3, names
+    gen = MultiGenerator(out, device="cpu")
+    gen.eos_id = None
+    man = Manifest.read(Layout(out).manifest)
+    prompt = [5, 17, 42, 8]
+    assert list(gen.generate(prompt, 8, Sampler())) == generate_original(
+        discover(pair(src)), man["links"], "seq2seq", prompt, 8, Sampler(), gen.start_id, None)
+    assert all(c.ok for c in verify_files(out, discover(pair(src)), device="cpu"))
