@@ -35,12 +35,12 @@ def _progress(quiet: bool):
 def cmd_compile(a: argparse.Namespace) -> int:
     """Compile an exported ONNX Transformer into a STIP bundle: server/, client/ and developer/ (the key)."""
     from stip.compiler.external import parse_size
-    from stip.compiler.multifile import is_multifile
+    from stip.compiler.multifile import is_multifile, single_file
     from stip.compiler.pipeline import compile_model
 
     if is_multifile(a.model):
         return _compile_files(a)
-    a.model = a.model[0]
+    a.model = str(single_file(a.model) or a.model[0])  # a directory holding one model.onnx: that file
     step, ctx = _progress(a.quiet)
     with ctx:
         report = compile_model(a.model, a.output, force=a.force, private=a.private, public=a.public,

@@ -25,7 +25,17 @@ from stip.compiler.output import (
     swap_into_place,
 )
 from stip.passes.errors import StipError
-from stip.passes.multifile import ROLE_FILES, branch_of, discover, draw_joint, find_links, key_entries, load_role, unify
+from stip.passes.multifile import (
+    MERGED_FILE,
+    ROLE_FILES,
+    branch_of,
+    discover,
+    draw_joint,
+    find_links,
+    key_entries,
+    load_role,
+    unify,
+)
 from stip.runtime.bundle_format import (
     CACHE_SHAPE_SUFFIX,
     CHAIN_PROP,
@@ -41,8 +51,19 @@ GENERATION_KEYS = ("decoder_start_token_id", "eos_token_id", "pad_token_id", "bo
 
 
 def is_multifile(paths: list[str | Path]) -> bool:
-    """Several paths, or a directory: the multi-file compile. One .onnx file: the one-file compile."""
-    return len(paths) > 1 or Path(paths[0]).is_dir()
+    """Several paths, or a directory of several .onnx files: the multi-file compile. One .onnx file, or a directory
+    holding just one (optimum's model.onnx): the one-file compile (see single_file)."""
+    return len(paths) > 1 or (Path(paths[0]).is_dir() and single_file(paths) is None)
+
+
+def single_file(paths: list[str | Path]) -> Path | None:
+    """The one model file of a directory that holds exactly one .onnx file (not one of the multi-file names)."""
+    if len(paths) != 1 or not Path(paths[0]).is_dir():
+        return None
+    found = sorted(Path(paths[0]).glob("*.onnx"))
+    if len(found) == 1 and found[0].name not in (*ROLE_FILES.values(), MERGED_FILE):
+        return found[0]
+    return None
 
 
 def _generation_config(files: dict[str, Path]) -> dict:

@@ -352,3 +352,15 @@ def test_sharded_external_data(tmp_path):
     assert list(gen.generate(prompt, 8, Sampler())) == generate_original(
         discover(pair(src)), man["links"], "seq2seq", prompt, 8, Sampler(), gen.start_id, None)
     assert all(c.ok for c in verify_files(out, discover(pair(src)), device="cpu"))
+
+
+def test_directory_with_one_model_is_a_one_file_compile(tmp_path):
+    from stip.compiler.multifile import is_multifile, single_file
+
+    d = tmp_path / "export"
+    d.mkdir()
+    src = export_multifile.cached_export("t5")
+    shutil.copy(src / "encoder_model.onnx", d / "model.onnx")
+    assert single_file([d]) == d / "model.onnx" and not is_multifile([d])
+    assert is_multifile([src]) and is_multifile([d / "model.onnx", src / "decoder_model.onnx"])
+    assert not is_multifile([d / "model.onnx"])
