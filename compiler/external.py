@@ -8,6 +8,7 @@ in parallel and operators can copy them in parts. Offsets are 4 KiB-aligned, so 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from onnx import TensorProto, helper
 
 from stip.passes.build import SUB_BYTE, add_initializer
 from stip.passes.errors import StipError
+from stip.passes.permute import Write
 
 ALIGN = 4096
 INLINE_BYTES = 1024  # smaller tensors stay inside the graph, as onnx.save's size_threshold does
@@ -39,49 +41,73 @@ def parse_size(text: str, flag: str) -> int:
 
 
 class ExternalWriter:
-    """A build() sink: big tensors go to `<graph>.data` (or `<stem>-0000K-of-0000N.onnx.data` shards)."""
+    """A build() sink: big tensors go to `<graph>.data` (or `<stem>-0000K-of-0000N.onnx.data` shards).
+
+    `reserve` places a tensor (its offset, and its initializer entry in the graph) before it is folded, so the fold
+    threads write their blocks with os.pwrite at known offsets, in parallel and in any order, while the graph and
+    the files come out exactly as if written one tensor after the other. Every file stays open until finish()."""
 
     def __init__(self, graph_path: Path, shard_size: int | None = None):
         self.path = Path(graph_path)
         self.shard_size = shard_size
         self.files: list[Path] = []
-        self._f = None
+        self._fds: list[int] = []
+        self._sizes: list[int] = []
         self._pos = 0
 
     def __call__(self, graph: onnx.GraphProto, arr: np.ndarray, name: str, data_type: int | None = None) -> None:
-        if arr.nbytes < INLINE_BYTES or arr.dtype.kind in "OUS" or arr.dtype.name in SUB_BYTE:  # packed: inline
+        write = self.reserve(graph, name, arr.shape, arr.dtype, data_type)
+        if write is None:
             add_initializer(graph, arr, name, data_type)
             return
-        aligned = self._pos + (-self._pos % ALIGN)
-        if self._f is None or (self.shard_size and self._pos and aligned + arr.nbytes > self.shard_size):
-            self._next_file()
-        pad = -self._pos % ALIGN
-        self._f.write(b"\0" * pad)
-        offset = self._pos + pad
         flat = np.ascontiguousarray(arr).reshape(-1)
-        if flat.dtype.byteorder == ">":
-            flat = flat.byteswap()
-        self._f.write(flat.view(np.uint8).data)
-        self._pos = offset + arr.nbytes
+        write(flat.astype(flat.dtype.newbyteorder("<"), copy=False), 0)
+
+    def reserve(self, graph: onnx.GraphProto, name: str, shape: tuple[int, ...], dtype: np.dtype,
+                data_type: int | None = None) -> Write | None:
+        """The tensor's place in the data files and its external_data entry; None if it stays in the graph."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes < INLINE_BYTES or dtype.kind in "OUS" or dtype.name in SUB_BYTE:  # packed 4-bit: inline
+            return None
+        aligned = self._pos + (-self._pos % ALIGN)
+        if not self._fds or (self.shard_size and self._pos and aligned + nbytes > self.shard_size):
+            self._next_file()
+            aligned = 0
+        offset = aligned
+        self._pos = offset + nbytes
+        self._sizes[-1] = self._pos
         t = graph.initializer.add()
         t.name = name
-        t.data_type = data_type or helper.np_dtype_to_tensor_dtype(arr.dtype)
-        t.dims.extend(arr.shape)
+        t.data_type = data_type or helper.np_dtype_to_tensor_dtype(dtype)
+        t.dims.extend(shape)
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.files[-1].name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+        for k, v in (("location", self.files[-1].name), ("offset", str(offset)), ("length", str(nbytes))):
             e = t.external_data.add()
             e.key, e.value = k, v
+        fd, where = self._fds[-1], f"{self.files[-1]}: tensor '{name}'"
+
+        def write(block: np.ndarray, at: int) -> None:
+            if at < 0 or at + block.nbytes > nbytes:
+                raise StipError(f"{where}: a write of {block.nbytes} bytes at {at} overflows its {nbytes} bytes")
+            _pwrite_all(fd, block, offset + at)
+        return write
 
     def _next_file(self) -> None:
-        self.close()
         self.files.append(self.path.with_name(f"{self.path.name}.data.part{len(self.files) + 1}"))
-        self._f = open(self.files[-1], "wb")
+        self._fds.append(os.open(self.files[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        self._sizes.append(0)
         self._pos = 0
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        """Close every file; each gets its full length (the alignment padding of a last tensor, if any)."""
+        fds, self._fds = self._fds, []
+        for fd, size in zip(fds, self._sizes):
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+
 
     def finish(self, graph: onnx.GraphProto) -> list[Path]:
         """Close and give the files their final names: `model.onnx.data` alone, else
@@ -101,3 +127,10 @@ class ExternalWriter:
                     e.value = renamed[e.value]
         self.files = [f.with_name(x) for f, x in zip(self.files, names)]
         return self.files
+
+
+def _pwrite_all(fd: int, block: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n

@@ -52,7 +52,9 @@ def output_tolerances(original: str | Path) -> dict[str, float]:
     """Per output: its own dtype's tolerance, loosened to the least precise float the graph computes in (an fp16
     model converted with keep_io_types has fp32 outputs but fp16 arithmetic inside), and to a few quantization
     steps when activations are quantized at run time."""
-    m = onnx.load(str(original), load_external_data=False)
+    from stip.passes.tensors import load_structure
+
+    m = load_structure(original)  # the graph only: a large model's weights are never read here
     inner = {t.data_type for t in m.graph.initializer} | {
         a.i for n in m.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
     floor = max((TOLERANCE[t] for t in inner if t in TOLERANCE), default=0.0)

@@ -15,7 +15,7 @@ from stip.passes.errors import StipError
 from stip.passes.graph import Graph
 from stip.passes.packed import Packing
 from stip.passes.partition import Partition
-from stip.passes.permute import Permutations, fold, inverse
+from stip.passes.permute import Permutations, fold, fold_into, inverse
 from stip.passes.solve import Solution, use_key
 from stip.runtime.bundle_format import CACHE_SHAPE_SUFFIX, KEY_ID_PROP, ROLE_PROP, ROLES
 
@@ -79,6 +79,8 @@ class _ConstantFolder:
     weights and the bundle's permuted weights are never both fully in memory. Large constants fold on
     FOLD_THREADS threads (numpy releases the GIL while gathering) with at most that many folded copies alive;
     the sink still receives every tensor in use order, from this thread, so files and graphs are as if serial.
+    A file sink with `reserve` places each tensor first, in use order; its fold threads then write blocks
+    straight into the file (passes.permute.fold_into), so no folded copy of a whole tensor exists at all.
     """
 
     def __init__(self, g: Graph, sol: Solution, perms: Permutations, graph: onnx.GraphProto,
@@ -91,6 +93,7 @@ class _ConstantFolder:
         self.progress = progress
         self.remaining = remaining
         self._pending: deque[tuple[Future | np.ndarray, str, int | None]] = deque()
+        self._writing: deque[Future] = deque()  # placed tensors being folded into their files
         self._pool: ThreadPoolExecutor | None = None
 
     def _axis_key(self, c: int | None, size) -> object:
@@ -133,6 +136,11 @@ class _ConstantFolder:
             for c in classes:  # compose linked vectors here: the worker threads only read them
                 if c is not None and c not in self.sol.dependent:
                     self.perms.vector(c)
+        reserve = getattr(self.sink, "reserve", None)  # a file sink (compiler/external.py) places tensors first
+        write = reserve(self.graph, name, value.shape, value.dtype, data_type) if reserve else None
+        if write is not None:
+            self._emit_placed(value, classes, write)
+            return
         if classes is None or value.nbytes < ASYNC_FOLD_BYTES:
             result = value if classes is None else fold(value, classes, self.perms)
             if self._pending:
@@ -142,24 +150,41 @@ class _ConstantFolder:
             return
         while sum(isinstance(f, Future) for f, _, _ in self._pending) >= FOLD_THREADS:
             self._sink_oldest()
+        self._pending.append((self._executor().submit(fold, value, classes, self.perms), name, data_type))
+
+    def _emit_placed(self, value: np.ndarray, classes: list[int | None] | None, write) -> None:
+        """The tensor already has its place in the file: fold it block by block into it, on a fold thread when
+        large (at most FOLD_THREADS in flight, each holding one block, never a whole folded copy)."""
+        if value.nbytes < ASYNC_FOLD_BYTES:
+            fold_into(value, classes, self.perms, write)
+            return
+        while len(self._writing) >= FOLD_THREADS:
+            self._writing.popleft().result()
+        self._writing.append(self._executor().submit(fold_into, value, classes, self.perms, write))
+
+    def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(FOLD_THREADS, thread_name_prefix="stip-fold")
-        self._pending.append((self._pool.submit(fold, value, classes, self.perms), name, data_type))
+        return self._pool
 
     def _sink_oldest(self) -> None:
         job, name, data_type = self._pending.popleft()
         self.sink(self.graph, job.result() if isinstance(job, Future) else job, name, data_type)
 
     def flush(self) -> None:
-        """Sink every pending tensor, in order; on error, wait for the threads and drop their results."""
+        """Sink every pending tensor, in order, and wait for every placed write; on error, wait for the threads
+        and drop their results."""
         try:
             while self._pending:
                 self._sink_oldest()
+            while self._writing:
+                self._writing.popleft().result()
         finally:
             self.close()
 
     def close(self) -> None:
         self._pending.clear()
+        self._writing.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

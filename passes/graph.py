@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from stip.passes.errors import StipError
 from stip.passes.merged import MergedIf, specialise_merged
 from stip.passes.state import pair_cache
-from stip.passes.tensors import Constants, external_tensor, is_external
+from stip.passes.tensors import Constants, external_tensor, is_external, load_structure
 
 Dim = int | str  # a static size, or a symbolic name for a dynamic axis
 
@@ -93,7 +93,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if p.is_dir():
         raise StipError(f"{p}: is a directory, expected an .onnx file")
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = load_structure(p)  # inline weights of a large file stay in it, mapped per tensor when read
     except Exception as e:  # protobuf raises several unrelated types for junk input
         raise StipError(f"{p}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not model.graph.node:

@@ -6,6 +6,7 @@ is never drawn directly; its permutation is built from its parts, so Q/K/V and t
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -79,13 +80,9 @@ def _checked(p, n: int) -> np.ndarray:
     return p
 
 
-def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> np.ndarray:
-    """Permute every axis of a constant by its space; per-head inner spaces index jointly with their head axis.
-
-    All flat axes are gathered in one pass (see _gather), so a weight is read once and written once; numpy
-    releases the GIL there, so callers may fold two tensors on two threads once the vectors are composed."""
+def _plan(value: np.ndarray, classes: list[int | None], perms: Permutations):
+    """(flat steps [(axis, index)], per-head steps [(axis, space)]) for one constant."""
     sol = perms.solution
-    raw = _raw_words(value)
     steps: list[tuple[int, np.ndarray]] = []
     later: list[tuple[int, int]] = []
     for a, c in enumerate(classes):
@@ -95,6 +92,17 @@ def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> n
             later.append((a, c))
             continue
         steps.append((a, perms.vector(c)))
+    return steps, later
+
+
+def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> np.ndarray:
+    """Permute every axis of a constant by its space; per-head inner spaces index jointly with their head axis.
+
+    All flat axes are gathered in one pass (see _gather), so a weight is read once and written once; numpy
+    releases the GIL there, so callers may fold two tensors on two threads once the vectors are composed."""
+    sol = perms.solution
+    raw = _raw_words(value)
+    steps, later = _plan(value, classes, perms)
     out = _gather(raw, steps) if steps else raw
     for a, c in later:
         head = sol.dependent[c]
@@ -110,6 +118,46 @@ def fold(value: np.ndarray, classes: list[int | None], perms: Permutations) -> n
         out = np.take_along_axis(out, idx.reshape(shape), axis=a)
     out = np.ascontiguousarray(out)
     return out.view(value.dtype) if raw is not value else out
+
+
+Write = Callable[[np.ndarray, int], None]  # (contiguous block, byte offset within the tensor)
+
+
+def fold_into(value: np.ndarray, classes: list[int | None] | None, perms: Permutations, write: Write) -> None:
+    """fold(), handing the result to `write` block by block as little-endian bytes, never as a whole tensor.
+
+    Why: streaming each cache-sized block straight to the output file (os.pwrite, which releases the GIL) skips
+    the tensor-sized output buffer and its second pass through memory, and lets fold threads write in parallel.
+    Per-head steps (rare: constants with explicit head and inner axes) and big-endian hosts take fold()."""
+    raw = _raw_words(value)
+    steps, later = _plan(value, classes, perms) if classes is not None else ([], [])
+    plain = raw.dtype.kind in "iuf" and value.dtype.byteorder != ">" and sys.byteorder == "little"
+    if later or not plain:
+        out = fold(value, classes, perms) if classes is not None else np.ascontiguousarray(value)
+        write(np.ascontiguousarray(out.astype(out.dtype.newbyteorder("<"), copy=False)).reshape(-1), 0)
+        return
+    if raw.size == 0:
+        return
+    if raw.ndim == 0:
+        write(np.ascontiguousarray(raw).reshape(-1), 0)
+        return
+    idx = dict(steps)
+    first = idx.pop(0, None)
+    rest = sorted(idx.items())
+    row_bytes = raw[0].nbytes if raw.ndim > 1 else raw.itemsize
+    rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+    buf = np.empty((min(rows, raw.shape[0]),) + raw.shape[1:], dtype=raw.dtype) if steps else None
+    for s in range(0, raw.shape[0], rows):
+        e = min(s + rows, raw.shape[0])
+        if not steps:
+            blk = np.ascontiguousarray(raw[s:e])
+        elif not rest:
+            blk = np.take(raw, first[s:e], axis=0, out=buf[: e - s], mode="clip")
+        else:
+            blk = raw[s:e] if first is None else np.take(raw, first[s:e], axis=0, mode="clip")
+            for k, (a, p) in enumerate(rest):
+                blk = np.take(blk, p, axis=a, mode="clip", out=buf[: e - s] if k == len(rest) - 1 else None)
+        write(blk, s * row_bytes)
 
 
 CHUNK_BYTES = 1 << 19  # a block this size stays in cache between the outer gather and the inner ones

@@ -93,3 +93,105 @@ class Constants(MutableMapping):
     def nbytes(self, name: str) -> int:
         v = self._items[name]
         return v.length if isinstance(v, ExternalTensor) else int(v.nbytes)
+
+
+# Inline weights: a model under 2 GiB may keep every weight inside the .onnx (TensorProto.raw_data). Parsing it
+# with onnx.load holds the file's bytes and the parsed copy at once (about 2x the model). Instead the file is
+# memory-mapped and walked at the protobuf wire level; each large raw_data becomes a reference to its own byte
+# range in the .onnx (as if it were external data in that very file), so it is read like any external weight.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+LAZY_RAW_BYTES = 4096  # smaller raw_data stays in the parsed proto
+LAZY_FILE_BYTES = 64 << 20  # .onnx files this large are walked lazily; smaller ones are parsed by onnx.load
+
+
+def load_structure(path: str | Path) -> onnx.ModelProto:
+    """The model without its large weights' bytes: external data is never loaded, large inline raw_data becomes
+    a reference into the .onnx (load_lazily). Raises what onnx.load or the wire walk raise on junk."""
+    p = Path(path)
+    if p.stat().st_size >= LAZY_FILE_BYTES:
+        return load_lazily(p)
+    return onnx.load(str(p), load_external_data=False)
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, field start, payload start, field end) of each field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+            yield number, wire, first, pos, pos
+            continue
+        if wire == 2:
+            n, pos = _varint(buf, pos)
+            payload = pos
+            pos += n
+        elif wire == 1:
+            payload, pos = pos, pos + 8
+        elif wire == 5:
+            payload, pos = pos, pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} at byte {first}")
+        if pos > end:
+            raise ValueError(f"field {number} at byte {first} runs past its message's end")
+        yield number, wire, first, payload, pos
+
+
+def load_lazily(path: Path) -> onnx.ModelProto:
+    """The model with every large inline raw_data replaced by an external_data reference into the .onnx itself
+    (location = its own file name, offset, length); nothing but the graph's structure is copied out of the file."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        model = onnx.ModelProto()
+        rest = bytearray()
+        graphs = []
+        for number, wire, first, payload, end in _fields(buf, 0, len(buf)):
+            if number == _MODEL_GRAPH and wire == 2:
+                graphs.append((payload, end))
+            else:
+                rest += buf[first:end]
+        model.ParseFromString(bytes(rest))
+        for g_start, g_end in graphs:  # repeated occurrences of an embedded message merge (protobuf's rule)
+            skeleton = bytearray()
+            inits = []
+            for number, wire, first, payload, end in _fields(buf, g_start, g_end):
+                if number == _GRAPH_INITIALIZER and wire == 2:
+                    inits.append(_lazy_tensor(buf, payload, end, path.name))
+                else:
+                    skeleton += buf[first:end]
+            model.graph.MergeFromString(bytes(skeleton))
+            model.graph.initializer.extend(inits)
+    return model
+
+
+def _lazy_tensor(buf, start: int, end: int, location: str) -> onnx.TensorProto:
+    meta = bytearray()
+    raw = None
+    for number, wire, first, payload, stop in _fields(buf, start, end):
+        if number == _TENSOR_RAW_DATA and wire == 2 and stop - payload >= LAZY_RAW_BYTES:
+            raw = (payload, stop - payload)
+        else:
+            meta += buf[first:stop]
+    t = onnx.TensorProto.FromString(bytes(meta))
+    if raw is not None and t.data_location != TensorProto.EXTERNAL:
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", location), ("offset", str(raw[0])), ("length", str(raw[1]))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+    elif raw is not None:  # raw_data beside an external reference: keep the proto as the file has it
+        t = onnx.TensorProto.FromString(bytes(buf[start:end]))
+    return t

@@ -111,13 +111,14 @@ class Client:
 class Server:
     """The cloud's half: the permuted server graph and nothing else."""
 
-    def __init__(self, server_dir: str | Path, device: str = "auto", threads: int = 0):
+    def __init__(self, server_dir: str | Path, device: str = "auto", threads: int = 0, session=None):
+        """`session`: a caller's session over the server graph (verify's SegmentedSession on large models)."""
         d = Path(server_dir)
         path = d / SERVER_MODEL
         if not path.exists():
             raise StipError(f"{d}: not a stip server bundle (missing {SERVER_MODEL})")
         self.key_id = model_key_id(path)
-        self.session = make_session(path, device, threads)
+        self.session = session(path) if session is not None else make_session(path, device, threads)
         self.path = self.where = path
         probe = CachedSession(self.session)
         self.input_names, self.output_names = probe.inputs, [o for o in probe.outputs
@@ -141,10 +142,10 @@ class Server:
 class LocalDeployment:
     """All three parts in one process: for verify, examples and benchmarks."""
 
-    def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: int = 0):
+    def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: int = 0, server_session=None):
         lay = Layout(Path(bundle_dir))
         self.client = Client(lay.client_dir, device="cpu", threads=threads)
-        self.server = Server(lay.server_dir, device, threads)
+        self.server = Server(lay.server_dir, device, threads, server_session)
         self.client.check_server(self.server.key_id, str(lay.server_model))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

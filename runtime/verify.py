@@ -145,7 +145,9 @@ def _verify(bundle_dir, original, batch: int, seq: int, seed: int, atol: float, 
     manifest = Manifest.read(find_client_dir(bundle_dir) / CLIENT_MANIFEST)
     cached = bool(manifest.cache)
     cache_inputs = {p for p, _ in manifest.cache}
-    sess = make_session(original, device)
+    from stip.runtime.segmented import session_for
+
+    sess = session_for(original, device)  # in segments of bounded memory when the model is large
     same_interface(manifest, sess, original, bundle_dir)
     steps = ((past, 0), (seq, past)) if cached else ((seq, 0),)
     feeds = [{k: v for k, v in random_feeds(original, batch, length, seed + i, past=start, axes=manifest.axes,
@@ -183,7 +185,9 @@ def _run_original(sess, original, feeds: list[dict], cached: bool, batch: int) -
 
 
 def _run_bundle(bundle_dir, device, feeds: list[dict], cached: bool, batch: int) -> dict[str, np.ndarray]:
-    dep = LocalDeployment(bundle_dir, device)
+    from stip.runtime.segmented import session_for
+
+    dep = LocalDeployment(bundle_dir, device, server_session=lambda path: session_for(path, device))
     if not cached:
         return dep.run(feeds[-1])
     from stip.runtime.generate import CachedSession

@@ -232,3 +232,33 @@ def test_cli_refuses_bad_shard_size(zoo, tmp_path, capsys, flags):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--shard-size" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_inline_weights_are_mapped_from_the_onnx_file_not_parsed(zoo, tmp_path, monkeypatch):
+    """A model whose weights sit inside the .onnx: each large raw_data is located in the file at the wire level
+    and memory-mapped like external data; the bytes equal onnx.load's, and the compile is bit-exact."""
+    from stip.passes import tensors
+    from stip.passes.graph import load_graph
+
+    model = zoo.get("llama-cache")
+    monkeypatch.setattr(tensors, "LAZY_FILE_BYTES", 0)
+    monkeypatch.setattr(tensors, "LAZY_RAW_BYTES", 64)
+    lazy = tensors.load_lazily(model)
+    full = onnx.load(str(model))
+    assert [t.name for t in lazy.graph.initializer] == [t.name for t in full.graph.initializer]
+    assert lazy.graph.node == full.graph.node and lazy.graph.input == full.graph.input
+    mapped = 0
+    for a, b in zip(lazy.graph.initializer, full.graph.initializer):
+        if tensors.is_external(a):
+            mapped += 1
+            got = tensors.external_tensor(a, model).load()
+            assert isinstance(got, np.memmap)
+            assert np.array_equal(got.view(np.uint8), numpy_helper.to_array(b).view(np.uint8)), a.name
+        else:
+            assert a == b
+    assert mapped > 5
+    consts = load_graph(model).constants
+    assert isinstance(consts[max(consts, key=consts.nbytes)], np.memmap)
+    report = compile_model(model, tmp_path / "out")
+    assert report["self_check"]["outputs"]
+    assert assert_weights_bit_exact(model, tmp_path / "out") > 5
