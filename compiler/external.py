@@ -15,12 +15,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from stip.compiler.serialize import _GRAPH_FIELD as _GRAPH
+from stip.compiler.serialize import _INITIALIZER_FIELD as _INITIALIZER
+from stip.compiler.serialize import _copy_except, _field, _varint, write_model
 from stip.passes.build import SUB_BYTE, add_initializer
 from stip.passes.errors import StipError
 from stip.passes.permute import Write
 
 ALIGN = 4096
 INLINE_BYTES = 1024  # smaller tensors stay inside the graph, as onnx.save's size_threshold does
+_RAW_DATA = 9  # TensorProto.raw_data
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -127,6 +131,82 @@ class ExternalWriter:
                     e.value = renamed[e.value]
         self.files = [f.with_name(x) for f, x in zip(self.files, names)]
         return self.files
+
+    def finish_model(self, model: onnx.ModelProto) -> None:
+        """finish(), then the graph file itself (its weights are references by now, so it is small)."""
+        self.finish(model.graph)
+        write_model(model, self.path)
+
+
+class InlineWriter:
+    """A build() sink for a graph saved as one .onnx with its weights inside (under 2 GiB).
+
+    Each large tensor is placed before it is folded, like ExternalWriter.reserve: its record
+    `graph { initializer { name, dims, data_type, raw_data } }` is written into the .onnx at once, and the fold
+    threads write the raw_data blocks into it with os.pwrite. finish_model() appends the model's other fields
+    (graph nodes, inputs, outputs, small initializers, opsets, metadata). Protobuf merges repeated occurrences of
+    an embedded message, in any order, so every reader sees one graph holding every initializer; the weights are
+    never held in a proto, serialized, or copied again (this was most of the write time of in-memory graphs)."""
+
+    LIMIT = 2**31 - 1  # protobuf's message size limit
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pos = 0
+
+    def __call__(self, graph: onnx.GraphProto, arr: np.ndarray, name: str, data_type: int | None = None) -> None:
+        add_initializer(graph, arr, name, data_type)  # small: it stays in the graph and goes out with it
+
+    def reserve(self, graph: onnx.GraphProto, name: str, shape: tuple[int, ...], dtype: np.dtype,
+                data_type: int | None = None) -> Write | None:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes < INLINE_BYTES or dtype.kind in "OUS" or dtype.name in SUB_BYTE:  # packed 4-bit: in the graph
+            return None
+        meta = TensorProto()
+        meta.name = name
+        meta.data_type = data_type or helper.np_dtype_to_tensor_dtype(dtype)
+        meta.dims.extend(shape)
+        body = meta.SerializeToString() + _varint((_RAW_DATA << 3) | 2) + _varint(nbytes)
+        init = _varint((_INITIALIZER << 3) | 2) + _varint(len(body) + nbytes) + body
+        prefix = _varint((_GRAPH << 3) | 2) + _varint(len(init) + nbytes) + init
+        at0 = self._pos + len(prefix)
+        self._check(at0 + nbytes)
+        _pwrite_all(self._fd, np.frombuffer(prefix, dtype=np.uint8), self._pos)
+        self._pos = at0 + nbytes
+        fd, where = self._fd, f"{self.path}: tensor '{name}'"
+
+        def write(block: np.ndarray, at: int) -> None:
+            if at < 0 or at + block.nbytes > nbytes:
+                raise StipError(f"{where}: a write of {block.nbytes} bytes at {at} overflows its {nbytes} bytes")
+            _pwrite_all(fd, block, at0 + at)
+        return write
+
+    def _check(self, size: int) -> None:
+        if size > self.LIMIT:
+            raise StipError(f"{self.path}: the graph with its weights passes protobuf's 2 GiB limit; compile "
+                            "with --external-data auto (the default) or always")
+
+    def finish_model(self, model: onnx.ModelProto) -> None:
+        """Append everything but the placed tensors, give the file its length, close it."""
+        rest = _copy_except(model, onnx.ModelProto(), "graph").SerializeToString() + \
+            _field(_GRAPH, model.graph.SerializeToString())
+        self._check(self._pos + len(rest))
+        _pwrite_all(self._fd, np.frombuffer(rest, dtype=np.uint8), self._pos)
+        self._pos += len(rest)
+        os.ftruncate(self._fd, self._pos)
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """No file after all (a multi-file encoder's empty post graph)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _pwrite_all(fd: int, block: np.ndarray, offset: int) -> None:

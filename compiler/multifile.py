@@ -98,8 +98,8 @@ def compile_files(paths: list[str | Path], out_dir: str | Path, *, force: bool =
     (external data when over the threshold or asked, sharded with `shard_size`)."""
     from types import SimpleNamespace
 
+    from stip.compiler.external import InlineWriter
     from stip.compiler.pipeline import _build, _Plan, _save, _writers, analyse, copy_tokenizer
-    from stip.compiler.serialize import write_model
 
     step = progress or (lambda _label, _total: (lambda: None))
     out = output_path(out_dir)
@@ -150,15 +150,12 @@ def compile_files(paths: list[str | Path], out_dir: str | Path, *, force: bool =
                 bundle.server.metadata_props.add(key=CHAIN_PROP, value=json.dumps(
                     {"role": role, "roles": list(analyses), "links": [[lk.src, lk.output, lk.dst, lk.input]
                                                                       for lk in links]}))
-                for part, path in (("server", paths.server_model), ("pre", paths.pre), ("post", paths.post)):
+                for part in ("server", "pre", "post"):
                     m = getattr(bundle, part)
-                    if part == "post" and not m.graph.output and part not in writers:
-                        continue  # every output stays on the server (an encoder): no post graph
-                    if part in writers:
-                        writers[part].finish(m.graph)
-                        write_model(m, path)
-                    else:
-                        _save(m, path, external_data if part == "server" else "never")
+                    if part == "post" and not m.graph.output and isinstance(writers[part], InlineWriter):
+                        writers[part].discard()  # every output stays on the server (an encoder): no post graph
+                        continue
+                    _save(writers[part], m)
                 del bundle
                 held_in = set(g.held_in)
                 manifest["inputs"] = [n for n in manifest["inputs"] if n not in held_in]

@@ -8,10 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from stip.compiler.external import ExternalWriter
+from stip.compiler.external import ExternalWriter, InlineWriter
 from stip.compiler.keys import new_key_id, random_permutation, write_key
 from stip.compiler.output import (
     check_output_dir,
@@ -23,7 +22,6 @@ from stip.compiler.output import (
     swap_into_place,
 )
 from stip.compiler.report import model_summary
-from stip.compiler.serialize import write_model
 from stip.passes.axes import input_axes, position_table_rows
 from stip.passes.build import build, client_reads_cache
 from stip.passes.errors import StipError
@@ -99,18 +97,9 @@ def copy_tokenizer(src: str | Path, dst: Path) -> None:
         shutil.copyfile(f, dst / f.name)
 
 
-def _save(model: onnx.ModelProto, path: Path, external: str) -> None:
-    size = weight_bytes(model)  # not ByteSize(): upb computes it by serializing the whole model
-    if external == "always" or (external == "auto" and size > EXTERNAL_DATA_THRESHOLD):
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        write_model(model, path)
-
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-               for t in model.graph.initializer)
+def _save(writer: ExternalWriter | InlineWriter, model: onnx.ModelProto) -> None:
+    """Finish one graph's file (its weights are already in place); the seam the crash-safety tests hook."""
+    writer.finish_model(model)
 
 
 @interruptible()
@@ -146,7 +135,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
         check_output_dir(out, force)  # again: the directory may have changed while we analysed
         tmp = new_temp(out)
         lay = Layout(tmp)
-        writers: dict[str, ExternalWriter] = {}
+        writers: dict[str, ExternalWriter | InlineWriter] = {}
         try:
             for d in (lay.server_dir, lay.client_dir, lay.developer_dir):
                 d.mkdir()
@@ -156,13 +145,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, *, force: bool = 
             bundle, report, manifest, key = _build(planned, step, writers)
             del planned
             tick = step("writing bundle", None)
-            for part_name, path in (("server", lay.server_model), ("pre", lay.pre), ("post", lay.post)):
-                m = getattr(bundle, part_name)
-                if part_name in writers:
-                    writers[part_name].finish(m.graph)
-                    write_model(m, path)
-                else:
-                    _save(m, path, external_data if part_name == "server" else "never")
+            for part_name in ("server", "pre", "post"):
+                _save(writers[part_name], getattr(bundle, part_name))
             del bundle  # on disk now: the self-check loads it as sessions, so drop the in-memory copy first
             if tokenizer is not None:
                 copy_tokenizer(tokenizer, lay.client_dir / TOKENIZER_DIR)
@@ -214,17 +198,21 @@ def _part_weight_bytes(g: Graph, node_ids: list[int]) -> int:
     return sum(size(x) if size else int(g.constants[x].nbytes) for x in names)
 
 
-def _writers(plan: _Plan, lay: Layout, external: str, shard_size: int | None) -> dict[str, ExternalWriter]:
-    """Which graphs stream their weights to external data: the server when asked (always, sharded) or when its
-    weights exceed the threshold; pre/post (embedding table, client-side head) when theirs do."""
+def _writers(plan: _Plan, lay: Layout, external: str,
+             shard_size: int | None) -> dict[str, ExternalWriter | InlineWriter]:
+    """Where each graph's folded weights stream to: external data for the server when asked (always, sharded)
+    or when its weights exceed the threshold, and for pre/post (embedding table, client-side head) when theirs
+    do; otherwise straight into the graph's own .onnx (InlineWriter). No graph is ever whole in memory."""
     g, part = plan.analysis.graph, plan.analysis.partition
-    out: dict[str, ExternalWriter] = {}
+    out: dict[str, ExternalWriter | InlineWriter] = {}
     server_bytes = _part_weight_bytes(g, part.server_nodes)
     if external == "always" or shard_size or (external == "auto" and server_bytes > EXTERNAL_DATA_THRESHOLD):
         out["server"] = ExternalWriter(lay.server_model, shard_size)
+    else:
+        out["server"] = InlineWriter(lay.server_model)
     for name, nodes, path in (("pre", part.pre_nodes, lay.pre), ("post", part.post_nodes, lay.post)):
-        if _part_weight_bytes(g, nodes) > EXTERNAL_DATA_THRESHOLD:
-            out[name] = ExternalWriter(path)
+        big = _part_weight_bytes(g, nodes) > EXTERNAL_DATA_THRESHOLD
+        out[name] = ExternalWriter(path) if big else InlineWriter(path)
     return out
 
 
