@@ -1,12 +1,13 @@
 """Run a large ONNX model a slice of nodes at a time, so verify and the self-check fit a bounded memory budget.
 
 Why: a session of the whole model holds every weight (and onnxruntime's pre-packed copies), about 1.2x the model,
-twice over when the original and the bundle are compared. This object looks like an onnxruntime session
-(get_inputs, get_outputs, run) but cuts the graph, in its topological order, into segments of about
-SEGMENT_BYTES of weights; each run builds one segment's session at a time, with its weights memory-mapped from
-the model's files and handed to onnxruntime in place (no copy, no pre-packing), runs it, and frees it before the
-next. Every node still runs, on the same inputs, so the result is the whole model's; only peak memory changes
-(one segment's weights, plus the activations crossing a cut, which are small for verify's few tokens).
+and verify runs the original and then the bundle (2.9 GiB peak on a 2.7 GB fp32 Llama). This object looks like an
+onnxruntime session (get_inputs, get_outputs, run) but cuts the graph, in its topological order, into segments of
+at most SEGMENT_BYTES of weights (at their in-memory cost; one larger weight is a segment of its own). Each run
+builds one segment's session at a time, with its weights memory-mapped from the model's files and handed to
+onnxruntime in place (no copy, no pre-packing), runs it, and frees it before the next. Every node still runs, on the
+same inputs, so the result is the whole model's; only peak memory changes (one segment's weights, plus the
+activations crossing a cut, which are small for verify's few tokens).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from onnx import TensorProto, helper
 from stip.runtime.errors import StipError
 from stip.runtime.sessions import providers_for
 
-SEGMENT_BYTES = 512 << 20  # weights per segment; a model with more weights than this runs in segments
+SEGMENT_BYTES = 256 << 20  # weight cost per segment; a model with more weight cost than this runs in segments
+# onnxruntime's CPU provider computes fp16/bf16 MatMuls in fp32: it casts those weights, so a 2-byte weight costs
+# its mapped bytes plus a 4-byte copy while its segment runs (measured: 2.4 GiB peak on the fp16 670M model with
+# 512 MiB segments counted at 1x, against 1.4 GiB for fp32)
+_COST = {TensorProto.FLOAT16: 3, TensorProto.BFLOAT16: 3}
 _STUB = "stip-memory-mapped"  # location of a weight's stand-in: its bytes come from add_external_initializers
 
 
@@ -35,9 +40,8 @@ class _Arg:
         self.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
 
 
-def weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-               for t in model.graph.initializer if t.data_type != TensorProto.STRING)
+def weight_cost(model: onnx.ModelProto) -> int:
+    return sum(_cost(t) for t in model.graph.initializer)
 
 
 def _used_names(node: onnx.NodeProto) -> set[str]:
@@ -94,11 +98,10 @@ class SegmentedSession:
                 if vi.type.tensor_type.elem_type}
 
     def _cut(self, segment_bytes: int) -> list[tuple[int, int]]:
-        """[start, end) node ranges, each about segment_bytes of weights, cut only where every value crossing the
-        cut has a known type."""
+        """[start, end) node ranges of at most segment_bytes of weight cost each (a node whose weights alone cost
+        more gets a segment of its own), cut only where every value crossing the cut has a known type."""
         nodes = self.model.graph.node
         outputs = {o.name for o in self.model.graph.output}
-        produced = {o for n in nodes for o in n.output if o}
         last: dict[str, int] = {}
         uses = [_used_names(n) for n in nodes]
         for i, names in enumerate(uses):
@@ -106,15 +109,17 @@ class SegmentedSession:
                 last[x] = i
         segments, start, size, seen, live = [], 0, 0, set(), set()
         for i, n in enumerate(nodes):
-            for x in uses[i]:
-                if x in self._weights and x not in seen:
-                    seen.add(x)
-                    size += _nbytes(self._weights[x])
+            new = {x for x in uses[i] if x in self._weights and x not in seen}
+            cost = sum(_cost(self._weights[x]) for x in new)
+            if size and size + cost > segment_bytes and all(x in self._types for x in live):
+                segments.append((start, i))
+                start, size, seen = i, 0, set()
+                new = {x for x in uses[i] if x in self._weights}
+                cost = sum(_cost(self._weights[x]) for x in new)
+            seen |= new
+            size += cost
             live |= {o for o in n.output if o}
             live = {x for x in live if x in outputs or last.get(x, -1) > i}
-            if size >= segment_bytes and i + 1 < len(nodes) and all(x in self._types for x in live if x in produced):
-                segments.append((start, i + 1))
-                start, size, seen = i + 1, 0, set()
         segments.append((start, len(nodes)))
         return segments
 
@@ -183,10 +188,12 @@ class SegmentedSession:
         return [env[n] for n in wanted]
 
 
-def _nbytes(t: onnx.TensorProto) -> int:
+def _cost(t: onnx.TensorProto) -> int:
+    """A weight's memory while its segment runs (see _COST)."""
     if t.data_type == TensorProto.STRING:
         return 0
-    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    size = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return size * _COST.get(t.data_type, 1)
 
 
 def session_for(path: str | Path, device: str = "cpu", segment_bytes: int | None = None):
@@ -196,6 +203,6 @@ def session_for(path: str | Path, device: str = "cpu", segment_bytes: int | None
 
     limit = SEGMENT_BYTES if segment_bytes is None else segment_bytes
     if device == "cpu" or providers_for(device) == ["CPUExecutionProvider"]:
-        if weight_bytes(load_structure(path)) > limit:
+        if weight_cost(load_structure(path)) > limit:
             return SegmentedSession(path, device, limit)
     return make_session(path, device)
