@@ -3,8 +3,8 @@
 Why: a wrong bundle written without an error is the worst failure (the BiasGelu bug shipped five of them). Rules
 can be wrong in ways no static check sees, so before the final rename compile runs pre -> server -> post and the
 original side by side in onnxruntime on a few small random inputs (decoders through their KV cache, after a
-prefill), and refuses to write anything if an output differs. `--no-check` skips this for models too large to
-hold twice in memory.
+prefill), and refuses to write anything if an output differs. Large models run in segments of bounded memory
+(runtime/segmented.py), every node still checked; `--no-check` skips the check (bf16 on a CPU, which has no kernels).
 """
 
 from __future__ import annotations

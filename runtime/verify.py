@@ -133,7 +133,9 @@ def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq:
     (the server keeps its permuted copy), then both run the same `seq` new tokens.
 
     The original and the bundle run one after the other, each session freed before the next is loaded, so
-    peak memory is one model, not two: the same inputs reach both, and every output of the last step is compared."""
+    peak memory is one model, not two: the same inputs reach both, and every output of the last step is compared.
+    A model whose weights pass runtime.segmented.SEGMENT_BYTES (CPU) runs a segment of nodes at a time, so peak
+    memory is one segment's weights, whatever the model's size."""
     with exact_math():
         return _verify(bundle_dir, original, batch, seq, seed, atol, rtol, device, past)
 
