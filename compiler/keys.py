@@ -2,8 +2,10 @@
 
 Why not numpy's Generator: PCG64 is not a cryptographic generator, and users hold part of its output (the
 vocabulary permutation inside post.onnx), so one stream seeded once would tie every permutation to the others.
-Each permutation is an independent Fisher-Yates shuffle whose every swap index comes from os.urandom
-(`random.SystemRandom`, unbiased by rejection sampling). Measured: 0.2 s for a 150k vocabulary.
+Each permutation is the argsort of n independent 64-bit keys read from os.urandom: i.i.d. keys make every order
+equally likely, and a draw with a repeated key (probability about n^2 / 2^65) is redrawn whole, which keeps the
+result uniform by symmetry. One os.urandom read and one sort per permutation: about 20 ms for a 150k vocabulary, where a
+SystemRandom Fisher-Yates shuffle (one urandom call per swap) took 0.2 s and up to 1 s of a 670M Llama's compile.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from stip.runtime.errors import StipError
 
 __all__ = ["KEY_FILE", "new_key_id", "random_permutation", "read_key", "write_key"]
 
-_OS_RANDOM = secrets.SystemRandom()
 
 
 def new_key_id() -> str:
@@ -29,9 +30,11 @@ def new_key_id() -> str:
 
 def random_permutation(n: int) -> np.ndarray:
     """A uniformly random permutation of range(n), drawn from the OS CSPRNG alone."""
-    p = list(range(n))
-    _OS_RANDOM.shuffle(p)
-    return np.array(p, dtype=np.int64)
+    while True:
+        keys = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+        order = np.argsort(keys, kind="stable")
+        if n < 2 or (np.diff(keys[order]) != 0).all():
+            return order.astype(np.int64)
 
 
 def write_key(path: Path, key_id: str, perms: dict[str, np.ndarray]) -> None:

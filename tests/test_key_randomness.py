@@ -152,3 +152,15 @@ def test_no_numpy_generator_on_the_key_path(zoo, tmp_path, monkeypatch):
     assert set(seen) == {"draw", "write_key"}
     _, perms = read_key(tmp_path / "o" / "developer" / "key.npz")
     assert np.array_equal(perms["hidden"], seen["draw"].by_name()["hidden"])
+
+
+def test_permutation_is_the_order_of_os_urandom_keys_and_ties_are_redrawn(monkeypatch):
+    """The source is os.urandom alone: the permutation sorts the keys it returned, and a draw with a repeated key
+    is thrown away whole (keeping the distribution uniform) rather than broken by position."""
+    import stip.compiler.keys as keys
+
+    first = np.array([7, 3, 7, 1], dtype=np.uint64).tobytes()  # key 7 repeats: redrawn
+    second = np.array([9, 2, 5, 4], dtype=np.uint64).tobytes()
+    reads = [first, second]
+    monkeypatch.setattr(keys.os, "urandom", lambda n: reads.pop(0))
+    assert keys.random_permutation(4).tolist() == [1, 3, 2, 0] and not reads
