@@ -4,7 +4,8 @@ Why: a wrong bundle written without an error is the worst failure (the BiasGelu 
 can be wrong in ways no static check sees, so before the final rename compile runs pre -> server -> post and the
 original side by side in onnxruntime on a few small random inputs (decoders through their KV cache, after a
 prefill), and refuses to write anything if an output differs. Large models run in segments of bounded memory
-(runtime/segmented.py), every node still checked; `--no-check` skips the check (bf16 on a CPU, which has no kernels).
+(runtime/segmented.py), every node still checked; bf16 graphs run widened to fp32 on a CPU (runtime/widen.py).
+`--no-check` skips the check.
 """
 
 from __future__ import annotations

@@ -136,7 +136,9 @@ def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq:
     peak memory is one model, not two: the same inputs reach both, and every output of the last step is compared.
     A model whose weights pass runtime.segmented.SEGMENT_BYTES (CPU) runs a segment of nodes at a time, so peak
     memory is one segment's weights, whatever the model's size."""
-    with exact_math():
+    from stip.runtime.widen import widened_on_cpu
+
+    with exact_math(), widened_on_cpu(bundle_dir, original, device) as (bundle_dir, original):
         return _verify(bundle_dir, original, batch, seq, seed, atol, rtol, device, past)
 
 
