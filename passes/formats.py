@@ -11,8 +11,9 @@ from stip.passes.graph import Graph
 
 # Quantized ops with no permutation rule (onnxruntime's QOperator format beyond MatMul/Gemm/Add/Mul/Softmax, and
 # fused forms). The supported forms (DynamicQuantizeLinear + MatMulInteger/ConvInteger, QDQ, QOperator's
-# QLinearMatMul/QGemm/QLinearAdd/QLinearMul/QLinearSoftmax, weight-only int8, MatMulNBits) have rules in rules.py.
-QUANTIZED_OPS = {"QLinearConv", "QAttention", "QOrderedMatMul", "DynamicQuantizeLSTM", "QLinearConcat",
+# QLinearMatMul/QGemm/QLinearAdd/QLinearMul/QLinearSoftmax/QLinearConcat, weight-only int8, MatMulNBits) have
+# rules in rules.py.
+QUANTIZED_OPS = {"QLinearConv", "QAttention", "QOrderedMatMul", "DynamicQuantizeLSTM",
                  "QLinearAveragePool", "QLinearGlobalAveragePool", "QEmbedLayerNormalization", "QLinearReduceMean",
                  "QLinearWhere", "QLinearGather"}
 QUANT_ADVICE = ("quantize with onnxruntime.quantization.quantize_dynamic, or quantize_static with "

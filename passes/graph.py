@@ -251,6 +251,7 @@ def _symbolic_shape_inference():
             self.dispatcher_.setdefault("QGemm", self._stip_qgemm)
             for op in ("QLinearAdd", "QLinearMul"):  # the tool's handler leaves a merged symbolic dim unknown
                 self.dispatcher_[op] = self._stip_qlinear_binary
+            self.dispatcher_.setdefault("QLinearConcat", self._stip_qlinear_concat)
             for op, handler in list(self.dispatcher_.items()):
                 self.dispatcher_[op] = self._guard(op, handler)
 
@@ -276,6 +277,12 @@ def _symbolic_shape_inference():
                     shape[-i] = a[-i] if i <= len(a) else b[-i]
             dtype = self.known_vi_[node.input[0]].type.tensor_type.elem_type
             self.known_vi_[node.output[0]].CopyFrom(helper.make_tensor_value_info(node.output[0], dtype, shape))
+
+        def _stip_qlinear_concat(self, node):
+            """QLinearConcat (QOperator's KV cache): Concat of its data inputs 2, 5, 8, ... (the rest are scales)."""
+            data = [node.input[j] for j in range(2, len(node.input), 3)]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            self._infer_Concat(helper.make_node("Concat", data, list(node.output), axis=axis))
 
         def _guard(self, op, handler):
             def run(node):

@@ -447,13 +447,18 @@ def group_axes(ins: list, out: list) -> list[tuple[list[int], list[int]]] | None
 def concat(ctx: RuleContext) -> None:
     """The concatenated axis is the concatenation of the inputs' spaces (fused projections, rotary halves,
     KV cache + new keys); the other axes are shared."""
+    _concat_inputs(ctx, list(range(len(ctx.node.input))))
+
+
+def _concat_inputs(ctx: RuleContext, inputs: list[int]) -> None:
+    """Concat's rule over the data inputs `inputs` (QLinearConcat interleaves them with scales)."""
     axis = ctx.attr("axis", 0) % len(ctx.shape_out(0))
-    if not ctx.is_float(0):  # shape vectors and masks: positional
-        for j in range(len(ctx.node.input)):
+    if not ctx.is_data(inputs[0]):  # shape vectors and masks: positional
+        for j in inputs:
             ctx.fix(ctx.ax_in(j, axis), "Concat axis (integer data)")
         ctx.fix(ctx.ax_out(0, axis), "Concat axis (integer data)")
     parts = []
-    for j in range(len(ctx.node.input)):
+    for j in inputs:
         for a in range(len(ctx.shape_in(j))):
             if a == axis:
                 if ctx.shape_in(j)[a] != 0:
@@ -472,7 +477,7 @@ def split(ctx: RuleContext) -> None:
     rank = len(ctx.shape_in(0))
     axis = ctx.attr("axis", 0) % rank
     ctx.fix_input(1, "Split sizes")
-    if not ctx.is_float(0):
+    if not ctx.is_data(0):
         ctx.fix(ctx.ax_in(0, axis), "Split axis (integer data)")
     parts = []
     for k in range(len(ctx.node.output)):
@@ -494,7 +499,7 @@ def slice_(ctx: RuleContext) -> None:
     bounds = _slice_bounds(ctx)
     for a in range(len(ins)):
         b = bounds.get(a, "full") if bounds is not None else None
-        if b != "full" and not ctx.is_float(0):
+        if b != "full" and not ctx.is_data(0):
             b = None  # integer data (shape vectors): positional
         if b == "full":
             ctx.eq(ctx.ax_in(0, a), ctx.ax_out(0, a))
@@ -1071,6 +1076,18 @@ def ms_qlinear_binary(ctx: RuleContext) -> None:
     broadcast_into(ctx, 0)
     broadcast_into(ctx, 3)
     _per_tensor(ctx, (1, 2, 4, 5, 6, 7))
+
+
+@rule(MS + "QLinearConcat")
+def ms_qlinear_concat(ctx: RuleContext) -> None:
+    """Y = concat of each X (2, 5, 8, ...) requantized from its own scale and zero point (3, 4, ...) to Y's (0, 1):
+    Concat's rule on the X inputs, with every scale and zero point per tensor (its contract), so elementwise."""
+    n = len(ctx.node.input)
+    if n < 5 or (n - 2) % 3:
+        ctx.refuse(f"QLinearConcat with {n} inputs (expected Y scale, Y zero point, then triples)",
+                   "re-export the quantized model")
+    _per_tensor(ctx, (0, 1, *[j for j in range(2, n) if (j - 2) % 3]))
+    _concat_inputs(ctx, list(range(2, n, 3)))
 
 
 @rule(MS + "QLinearSoftmax", MS + "QLinearSigmoid", MS + "QLinearLeakyRelu")

@@ -92,6 +92,14 @@ class RuleContext:
         return self.s.g.dtypes.get(self.node.input[j]) in (TensorProto.FLOAT, TensorProto.FLOAT16,
                                                            TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
+    def is_data(self, j: int) -> bool:
+        """Floats, or 8- and 4-bit integers: quantized activations (QOperator's uint8 q|k|v, its KV cache), which
+        move like floats; wider integers are shape vectors, indices and masks, which stay positional."""
+        from onnx import TensorProto
+
+        return self.is_float(j) or self.s.g.dtypes.get(self.node.input[j]) in (
+            TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
+
     def attr(self, name: str, default=None):
         from onnx import helper
 
