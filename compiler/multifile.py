@@ -26,7 +26,6 @@ from stip.compiler.output import (
 )
 from stip.passes.errors import StipError
 from stip.passes.multifile import (
-    MERGED_FILE,
     ROLE_FILES,
     branch_of,
     discover,
@@ -34,6 +33,7 @@ from stip.passes.multifile import (
     find_links,
     key_entries,
     load_role,
+    role_name,
     unify,
 )
 from stip.runtime.bundle_format import (
@@ -61,7 +61,7 @@ def single_file(paths: list[str | Path]) -> Path | None:
     if len(paths) != 1 or not Path(paths[0]).is_dir():
         return None
     found = sorted(Path(paths[0]).glob("*.onnx"))
-    if len(found) == 1 and found[0].name not in (*ROLE_FILES.values(), MERGED_FILE):
+    if len(found) == 1 and role_name(found[0].name) is None:
         return found[0]
     return None
 

@@ -38,11 +38,28 @@ TOLERANCE = {
 QUANTIZED_ACTIVATIONS = 1e-2
 
 
+def _nodes(g: onnx.GraphProto):
+    """Every node, inside If/Loop bodies too (a merged decoder's layers live in its If branches)."""
+    for n in g.node:
+        yield n
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _nodes(sub)
+
+
+def _initializers(g: onnx.GraphProto):
+    yield from g.initializer
+    for n in g.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _initializers(sub)
+
+
 def quantized_activation(m: onnx.ModelProto) -> str | None:
     """The first node that quantizes a computed tensor (not a weight), as 'op node', or None."""
-    consts = {t.name for t in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant"
-                                                      for o in n.output}
-    for n in m.graph.node:
+    consts = {t.name for t in _initializers(m.graph)} | {o for n in _nodes(m.graph) if n.op_type == "Constant"
+                                                         for o in n.output}
+    for n in _nodes(m.graph):
         if n.op_type in ("DynamicQuantizeLinear", "DynamicQuantizeMatMul") or (
                 n.op_type == "QuantizeLinear" and n.input[0] not in consts):
             return f"{n.op_type} node '{n.name or n.output[0]}'"
@@ -56,8 +73,8 @@ def output_tolerances(original: str | Path) -> dict[str, float]:
     from stip.passes.tensors import load_structure
 
     m = load_structure(original)  # the graph only: a large model's weights are never read here
-    inner = {t.data_type for t in m.graph.initializer} | {
-        a.i for n in m.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    inner = {t.data_type for t in _initializers(m.graph)} | {
+        a.i for n in _nodes(m.graph) if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
     floor = max((TOLERANCE[t] for t in inner if t in TOLERANCE), default=0.0)
     if quantized_activation(m):
         floor = max(floor, QUANTIZED_ACTIVATIONS)

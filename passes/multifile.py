@@ -13,6 +13,7 @@ classes gets one permutation; a group whose members cannot carry one is refused,
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,15 @@ from stip.passes.solve import Solution, use_key
 ROLE_FILES = {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx",
               "decoder_with_past": "decoder_with_past_model.onnx"}
 MERGED_FILE = "decoder_model_merged.onnx"
+# optimum's names, with the suffix a quantizer or converter adds (ORTQuantizer's _quantized, transformers.js's
+# _quantized/_int8/_q4/_fp16/...): the longer stem first, so decoder_model_merged is not decoder_model + _merged
+_NAME = re.compile(r"^(encoder_model|decoder_with_past_model|decoder_model_merged|decoder_model)(_\w+)?\.onnx$")
+
+
+def role_name(name: str) -> tuple[str, str] | None:
+    """(optimum file name without suffix, suffix) of a multi-file model's file name, or None."""
+    m = _NAME.match(name)
+    return (m.group(1) + ".onnx", m.group(2) or "") if m else None
 ENCODER_OUTPUT, ENCODER_STATES = "last_hidden_state", "encoder_hidden_states"
 
 
@@ -47,6 +57,13 @@ def discover(paths: list[Path]) -> dict[str, Path]:
     if len(by_name) != len(files):
         dup = next(f.name for f in files if sum(g.name == f.name for g in files) > 1)
         raise StipError(f"{dup}: given twice (from two directories?); pass each file of the model once")
+    named = {n: role_name(n) for n in by_name}
+    variants = sorted({r[1] for r in named.values() if r})
+    if len(variants) > 1:  # transformers.js writes every variant into one directory
+        one = " ".join(str(by_name[n]) for n, r in sorted(named.items()) if r and r[1] == variants[-1])
+        raise StipError(f"{files[0].parent}: files of {len(variants)} variants of one model (suffixes "
+                        f"{', '.join(v or '(none)' for v in variants)}); pass the files of one variant: {one}")
+    by_name = {(named[n] or (n, ""))[0]: f for n, f in by_name.items()}  # one variant: its suffix says no role
     roles = {r: by_name.pop(n) for r, n in ROLE_FILES.items() if n in by_name}
     merged = by_name.pop(MERGED_FILE, None)
     if by_name:
@@ -82,7 +99,7 @@ def merged_supported() -> bool:
 
 def branch_of(role: str, path: Path) -> str | None:
     """Which branch of a merged decoder plays `role` (None: the file is the role's own graph)."""
-    if path.name != MERGED_FILE:
+    if (role_name(path.name) or ("", ""))[0] != MERGED_FILE:
         return None
     return "first_token" if role == "decoder" else "with_past"
 
