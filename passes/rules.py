@@ -133,6 +133,13 @@ def expand(ctx: RuleContext) -> None:
     ctx.fix_input(1, "Expand shape")
 
 
+@rule("ConstantOfShape")
+def constant_of_shape(ctx: RuleContext) -> None:
+    """One value everywhere (T5's zero position bias before the mask is added): every order of every output axis
+    is the same tensor, so its axes take whatever permutation their consumers need; the shape is positional."""
+    ctx.fix_input(0, "ConstantOfShape shape")
+
+
 @rule("Tile")
 def tile(ctx: RuleContext) -> None:
     """An axis repeated once passes through; a size-1 axis tiled is broadcast (its values repeat, so any order of
