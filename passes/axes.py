@@ -212,6 +212,11 @@ def sinusoid_position_table(g: Graph, n: onnx.NodeProto) -> bool:
     return bool(np.all(np.isclose(row0, 0) | np.isclose(row0, 1)) and np.all(np.abs(t) <= 1 + 1e-6))
 
 
+def counts_positions(g: Graph, index: str) -> bool:
+    """Whether `index` counts positions (M2M100's positions are counted from the token ids: not a vocabulary)."""
+    return _position_offset(g, index) is not None
+
+
 def _position_offset(g: Graph, index: str, depth: int = 24) -> int | None:
     """If `index` counts positions, the constant added to them on the way (0 if none); else None."""
     if depth == 0:

@@ -25,14 +25,17 @@ FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
 
 
 def index_range(g: Graph, name: str) -> int:
-    """How many rows the tables indexed by this input have (vocabulary, token types), so ids stay valid."""
+    """How many rows the tables indexed by this input have (vocabulary, token types), so ids stay valid. A position
+    table indexed by positions counted from the ids (M2M100's) is not one."""
+    from stip.passes.axes import counts_positions
     from stip.passes.partition import value_cone
 
     cone = value_cone(g, [name])
     reached = {name} | {o for i in cone for o in g.model.graph.node[i].output}
     sizes = []
     for i, n in enumerate(g.model.graph.node):
-        if n.op_type == "Gather" and n.input[1] in reached and _is_table(g, n.input[0]):
+        if n.op_type == "Gather" and n.input[1] in reached and _is_table(g, n.input[0]) \
+                and not counts_positions(g, n.input[1]):
             rows = g.shapes[n.input[0]][int(_attr(n, "axis", 0))]
             if isinstance(rows, int):
                 sizes.append(rows)

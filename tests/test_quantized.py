@@ -388,3 +388,32 @@ def test_matmul_nbits_blocks_that_straddle_heads_are_refused(tmp_path, capsys):
     assert len(err) == 1 and "MatMulNBits node" in err[0] and "o_proj" in err[0], err
     assert "K=48 is read in 3 blocks of 16" in err[0] and "4 x 12" in err[0] and "block_size" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+# ---- QOperator decoders: QLinearConcat appends to the quantized KV cache, Split cuts the uint8 q|k|v ----
+
+@pytest.mark.parametrize("family", ["gpt2-cache", "llama-cache"])
+def test_qoperator_decoder_generates_as_the_quantized_original(zoo, tmp_path, family):
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from stip.runtime.generate import StipGenerator, generate_plaintext
+
+    src = zoo.get(family)
+
+    class Calibration:
+        def __init__(self):
+            self.items = iter([random_feeds(src, batch=2, seq=5, past=3, seed=i) for i in range(4)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    path = tmp_path / f"{family}-qop.onnx"
+    quantize_static(str(src), str(path), Calibration(), quant_format=QuantFormat.QOperator, per_channel=True)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QLinearConcat", "QLinearMatMul"} <= ops, ops
+    compile_model(path, tmp_path / "out", max_context=64)  # the self-check compares against the quantized original
+    checks = verify(tmp_path / "out", path, past=4)
+    assert all(c.ok for c in checks) and max(c.max_abs for c in checks) < 1e-2, checks
+    prompt = [5, 9, 17, 3, 44]
+    assert list(StipGenerator(tmp_path / "out", device="cpu").generate(prompt, 12)) == \
+        generate_plaintext(path, prompt, 12)
