@@ -172,6 +172,14 @@ def cmd_verify(a: argparse.Namespace) -> int:
     a.original = a.original[0]
     if not Path(a.original).exists():
         raise StipError(f"{a.original}: no such file")
+    if Path(a.original).is_dir():  # optimum's one-file export directory: its model file
+        from stip.compiler.multifile import single_file
+
+        one = single_file([a.original])
+        if one is None:
+            raise StipError(f"--original {a.original}: a directory, and {a.bundle} holds one file; pass the .onnx "
+                            "it was compiled from")
+        a.original = str(one)
     quantized = None
     if a.atol is None or a.rtol is None:
         from stip.compiler.selfcheck import output_tolerances

@@ -50,6 +50,18 @@ def test_compile_inspect_verify_flow(zoo, tmp_path):
         assert text in r.stdout, text
     rep = json.loads(stip("inspect", m, "--json").stdout)
     assert rep["unplaced"] == [] and rep["layers"] == 2
+    one, two = tmp_path / "one", tmp_path / "two"  # --original DIR: the one model file in it, or one line
+    one.mkdir()
+    two.mkdir()
+    (one / "model_quantized.onnx").write_bytes(Path(m).read_bytes())
+    for name in ("a.onnx", "b.onnx"):
+        (two / name).write_bytes(Path(m).read_bytes())
+    r = stip("verify", tmp_path / "out", "--original", one, "--batch", "2")
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    r = stip("verify", tmp_path / "out", "--original", two)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == f"stip verify: error: --original {two}: a directory, and {tmp_path / 'out'} holds one " \
+        "file; pass the .onnx it was compiled from"
 
 
 def test_verify_fails_on_a_tampered_bundle(zoo, tmp_path):
