@@ -38,8 +38,9 @@ def is_multifile_bundle(bundle_dir: str | Path) -> bool:
 class Chain:
     """Sessions of one model's files and the state they pass each other on the server (keyed by input name)."""
 
-    def __init__(self, sessions: dict, links: list[list[str]]):
+    def __init__(self, sessions: dict, links: list[list[str]], where: dict[str, str] | None = None):
         self.sessions = sessions
+        self.where = where or {}  # role -> how errors name it (the original file)
         self.feeds: dict[tuple[str, str], set[str]] = {}
         for src, out, _dst, inp in links:
             self.feeds.setdefault((src, out), set()).add(inp)
@@ -64,7 +65,7 @@ class Chain:
                                 "in order: encoder, decoder, then decoder_with_past)")
         out: dict[str, np.ndarray] = {}
         new_state: dict[str, np.ndarray] = {}
-        for o, v in zip([o.name for o in s.get_outputs()], run(s, None, full, role)):
+        for o, v in zip([o.name for o in s.get_outputs()], run(s, None, full, self.where.get(role, role))):
             targets = self.feeds.get((role, o))
             if targets:
                 new_state.update(dict.fromkeys(targets, v))
@@ -81,7 +82,8 @@ def original_chain(files: dict[str, Path], links: list[list[str]], device: str =
     """The original files (a merged decoder as its two branches), for the reference side of verify and tests."""
     from stip.passes.multifile import original_model
 
-    return Chain({r: make_session(original_model(r, p), device) for r, p in files.items()}, links)
+    return Chain({r: make_session(original_model(r, p), device) for r, p in files.items()}, links,
+                 {r: f"original {p} ({r})" for r, p in files.items()})
 
 
 class MultiDeployment:
