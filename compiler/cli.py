@@ -152,7 +152,8 @@ def _verify_files(a: argparse.Namespace) -> int:
         for c in checks:
             print(f"{c.name:32} {str(c.shape):16} {c.max_abs:12.3e} {c.argmax_agree:12.2%}  "
                   f"{'PASS' if c.ok else 'FAIL'}")
-        print(f"{'PASS' if ok else 'FAIL'}: original files vs the bundle: encode, prefill {a.seq} tokens, then "
+        encode = "encode, " if "encoder" in files else ""
+        print(f"{'PASS' if ok else 'FAIL'}: original files vs the bundle: {encode}prefill {a.seq} tokens, then "
               f"{a.past} cached steps (atol={a.atol}, rtol={a.rtol}, batch={a.batch})")
     return 0 if ok else 1
 

@@ -133,3 +133,26 @@ def test_matmul_nbits_t5(tmp_path):
     assert _count(q / "decoder_model_merged.onnx", "MatMulNBits") >= 20
     compile_files([q], tmp_path / "b")
     _same_generation_and_verify(q, tmp_path / "b", tol=1e-4)
+
+
+def test_dynamic_int8_merged_llama_through_the_cli(tmp_path):
+    """A quantized merged decoder alone (transformers.js' decoder_model_merged_quantized.onnx): compile, generate
+    and verify from the command line. Its activations are quantized inside the If branches, which the tolerance
+    must see (as it sees a one-file model's)."""
+    import subprocess
+
+    legacy = pytest.importorskip("export_optimum_legacy")
+    src = _export(legacy, "llama")
+    q = _quantize_dir(src, tmp_path / "q", ("decoder_model_merged.onnx",), True, "_quantized")
+    stip = [sys.executable, "-m", "stip.compiler.cli"]
+    r = subprocess.run([*stip, "compile", str(q), "-o", str(tmp_path / "b"), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*stip, "verify", str(tmp_path / "b"), "--original", str(q)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS: original files vs the bundle: prefill 13 tokens" in r.stdout and "atol=0.01," in r.stdout, r.stdout
+    files = discover([q])
+    gen = MultiGenerator(tmp_path / "b", device="cpu")
+    gen.eos_id = None
+    links = Manifest.read(Layout(tmp_path / "b").manifest)["links"]
+    assert list(gen.generate(PROMPT, 8, Sampler())) == \
+        generate_original(files, links, gen.kind, PROMPT, 8, Sampler(), None, None)
