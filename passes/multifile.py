@@ -66,6 +66,10 @@ def discover(paths: list[Path]) -> dict[str, Path]:
     by_name = {(named[n] or (n, ""))[0]: f for n, f in by_name.items()}  # one variant: its suffix says no role
     roles = {r: by_name.pop(n) for r, n in ROLE_FILES.items() if n in by_name}
     merged = by_name.pop(MERGED_FILE, None)
+    if by_name and not roles and merged is None:  # optimum's quantize -o DIR beside the export: model*.onnx
+        raise StipError(f"{', '.join(str(by_name[n]) for n in sorted(by_name))}: {len(by_name)} separate models "
+                        "(no file is one of optimum's multi-file names: encoder_model.onnx, decoder_model.onnx, ...); "
+                        "pass one file to compile it on its own")
     if by_name:
         other = sorted(by_name)
         raise StipError(f"{by_name[other[0]]}: not a file name optimum writes for a multi-file model (expected "

@@ -113,6 +113,12 @@ def test_several_variants_in_one_directory_are_refused_naming_one(tmp_path):
         discover([d])
     assert discover([d / "encoder_model_quantized.onnx", d / "decoder_model_merged_quantized.onnx"])["decoder"].name \
         == "decoder_model_merged_quantized.onnx"
+    two = tmp_path / "two"  # optimum-cli onnxruntime quantize -o beside the export: two one-file models
+    two.mkdir()
+    for name in ("model.onnx", "model_quantized.onnx"):
+        shutil.copy(src / "encoder_model.onnx", two / name)
+    with pytest.raises(StipError, match=r"model_quantized.onnx: 2 separate models .*pass one file to compile it"):
+        discover([two])
 
 
 def test_matmul_nbits_t5(tmp_path):
