@@ -71,8 +71,26 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     refuse it with (exit 0: it is a report; JSON "compiles" and "blockers"), or what a bundle holds."""
     from stip.compiler.inspect import inspect_bundle, inspect_model
     from stip.compiler.report import render
+    from stip.runtime.bundle_format import Layout
 
     p = Path(a.target)
+    if p.is_dir() and not Layout(p).manifest.exists():  # an export directory (optimum's), not a bundle
+        from stip.compiler.multifile import single_file
+
+        one = single_file([p])
+        if one is None:  # several files: what the compiler sees in each, linked as `stip compile DIR` links them
+            from stip.compiler.inspect import inspect_files
+
+            reports = inspect_files([p], a.private, a.public)
+            if a.json:
+                print(json.dumps(reports, indent=2))
+                return 0
+            for role, report in reports["files"].items():
+                print(f"== {role}: {report.get('model', '')}\n{render(report)}")
+            print("server-held tensors between files: " + (", ".join(
+                f"{src}:{out} -> {dst}:{inp}" for src, out, dst, inp in reports["links"]) or "none"))
+            return 0
+        p = one
     report = inspect_bundle(p) if p.is_dir() else inspect_model(p, a.private, a.public)
     print(json.dumps(report, indent=2) if a.json else render(report), end="" if not a.json else "\n")
     return 0

@@ -28,11 +28,23 @@ def _external_data(rel: str) -> str:
     return ""
 
 
-def inspect_model(path: Path, private=None, public=None) -> dict:
+def inspect_model(path: Path, private=None, public=None, graph=None) -> dict:
     from stip.compiler.pipeline import analyse
 
-    a = analyse(path, private, public, strict=False)
+    a = analyse(path, private, public, strict=False, graph=graph)
     return model_summary(a.graph, a.solution, a.partition, a.refusals)
+
+
+def inspect_files(paths: list[Path], private=None, public=None) -> dict:
+    """An export of several files, as `stip compile DIR` takes them: each role's graph with the tensors that pass
+    between files marked as held on the server (as compile links them), then the same analysis per file."""
+    from stip.passes.multifile import discover, find_links, load_role
+
+    files = discover(paths)
+    graphs = {role: load_role(role, path) for role, path in files.items()}
+    links = find_links(graphs)
+    return {"files": {role: inspect_model(files[role], private, public, graph=g) for role, g in graphs.items()},
+            "links": [[lk.src, lk.output, lk.dst, lk.input] for lk in links]}
 
 
 def inspect_bundle(d: Path) -> dict:

@@ -6,6 +6,7 @@ decoders' shared weights reach the server under one permutation, and one key id 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -153,6 +154,21 @@ def test_cli_compile_generate_verify(tmp_path):
     r = subprocess.run([*stip, "export-triton", str(out), "-o", str(tmp_path / "t")], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "a bundle of several files" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_an_export_directory_as_compile_takes_it():
+    """`stip inspect DIR` on optimum's export: each file analysed with the tensors between files held on the server
+    (standalone, the decoder's encoder_hidden_states would look like a private input and block the cross-attention)."""
+    src = export_multifile.cached_export("t5")
+    stip = [sys.executable, "-m", "stip.compiler.cli"]
+    r = subprocess.run([*stip, "inspect", str(src), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert set(report["files"]) >= {"encoder", "decoder", "decoder_with_past"}
+    assert all(f["compiles"] for f in report["files"].values())
+    assert ["encoder", "last_hidden_state", "decoder", "encoder_hidden_states"] in report["links"]
+    r = subprocess.run([*stip, "inspect", str(src)], capture_output=True, text=True)
+    assert r.returncode == 0 and "== encoder:" in r.stdout and "server-held tensors between files" in r.stdout
 
 
 def test_ambiguous_inputs_are_refused_precisely(tmp_path):
