@@ -102,6 +102,36 @@ def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
     return r.stdout + r.stderr
 
 
+def run_inside(python: Path, script: str | Path, args: list[str], out: str | Path, what: str,
+               after: list[str] | None = None) -> tuple[Path, str]:
+    """`python script --inside ARGS -o OUT AFTER`, offline and quiet, as every export script here drives its venv;
+    OUT is replaced first, and the run's log is kept as OUT/export.log. Returns (OUT resolved, the log)."""
+    out = Path(out).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)
+    log = _run([str(python), str(Path(script).resolve()), "--inside", *args, "-o", str(out), *(after or [])],
+               what, env)
+    (out / "export.log").write_text(log)
+    return out, log
+
+
+def cached_dir(out: Path, done, make) -> Path:
+    """OUT, made once by make(OUT.tmp) and renamed into place, then reused while done(OUT); parallel callers (test
+    workers) wait for one export instead of racing."""
+    if done(out):
+        return out
+    with _locked(out):
+        if not done(out):
+            tmp = out.with_name(out.name + ".tmp")
+            make(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+    return out
+
+
 def export(arch: str, task: str, out: str | Path, *, seed: int = 0, venv: Path | None = None,
            extra: list[str] | None = None) -> Path:
     """Build the random-weight model and run optimum-cli in the venv; returns OUT/model.onnx.
@@ -110,15 +140,8 @@ def export(arch: str, task: str, out: str | Path, *, seed: int = 0, venv: Path |
     if arch not in ARCHS:
         raise ExportError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     python = ensure_venv(venv)
-    out = Path(out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONWARNINGS": "ignore"}
-    env.pop("PYTHONPATH", None)
-    cmd = [str(python), str(Path(__file__).resolve()), "--inside", arch, task, "-o", str(out), "--seed", str(seed)]
-    log = _run([*cmd, "--", *(extra or [])], f"export {arch} {task} with optimum", env)
-    (out / "export.log").write_text(log)
+    out, log = run_inside(python, __file__, [arch, task], out, f"export {arch} {task} with optimum",
+                          ["--seed", str(seed), "--", *(extra or [])])
     model = out / "model.onnx"
     if not model.exists():
         raise ExportError(f"optimum-cli wrote no {model}:\n{log[-2000:]}")
@@ -140,15 +163,11 @@ def cached_export(arch: str, task: str, *, seed: int = 0, extra: list[str] | Non
     root = Path(root or exports_root())
     flags = "".join("-" + a.strip("-") for a in extra or [])
     out = root / f"{arch}-{task}{flags}-{cache_key(arch, task, seed, extra)}"
-    if (out / "model.onnx").exists() and (out / "export.log").exists():
-        return out / "model.onnx"
-    with _locked(out):
-        if not ((out / "model.onnx").exists() and (out / "export.log").exists()):
-            tmp = out.with_name(out.name + ".tmp")
-            export(arch, task, tmp, seed=seed, extra=extra)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-    return out / "model.onnx"
+
+    def done(d: Path) -> bool:
+        return (d / "model.onnx").exists() and (d / "export.log").exists()
+
+    return cached_dir(out, done, lambda tmp: export(arch, task, tmp, seed=seed, extra=extra)) / "model.onnx"
 
 
 INSIDE_MARK = "# " + "-" * 64 + " inside the optimum venv"

@@ -46,17 +46,8 @@ def export(arch: str, out: str | Path, *, task: str = TASK, seed: int = 0) -> Pa
     FILES (plus config, tokenizer, hf/ with the source model, export.log). OUT is replaced."""
     if arch not in eo.ARCHS:
         raise eo.ExportError(f"unknown arch {arch!r}; expected one of {', '.join(eo.ARCHS)}")
-    python = ensure_venv()
-    out = Path(out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONWARNINGS": "ignore"}
-    env.pop("PYTHONPATH", None)
-    cmd = [str(python), str(Path(__file__).resolve()), "--inside", arch, "--task", task, "-o", str(out),
-           "--seed", str(seed)]
-    log = eo._run(cmd, f"export {arch} {task} with optimum 1.27 --legacy", env)
-    (out / "export.log").write_text(log)
+    out, log = eo.run_inside(ensure_venv(), __file__, [arch, "--task", task], out,
+                             f"export {arch} {task} with optimum 1.27 --legacy", ["--seed", str(seed)])
     missing = [f for f in FILES if not (out / f).exists()]
     if missing:
         raise eo.ExportError(f"optimum-cli --legacy wrote no {', '.join(missing)} in {out}:\n{log[-2000:]}")
@@ -78,11 +69,10 @@ def cached_export(arch: str, task: str = TASK, *, seed: int = 0, root: Path | No
     root = Path(root or eo.exports_root())
     out = root / f"legacy-{arch}-{task}-{cache_key(arch, task, seed)}"
 
-    def done() -> bool:
-        return all((out / f).exists() for f in FILES) and (out / "export.log").exists()
+    def done(d: Path) -> bool:
+        return all((d / f).exists() for f in FILES) and (d / "export.log").exists()
 
-    if done():
-        return out
+    return eo.cached_dir(out, done, lambda tmp: export(arch, tmp, task=task, seed=seed))
     with eo._locked(out):
         if not done():
             tmp = out.with_name(out.name + ".tmp")

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_optimum import ExportError, _locked, ensure_venv, exports_root  # noqa: E402
+from export_optimum import ExportError, cached_dir, ensure_venv, exports_root, run_inside  # noqa: E402
 
 TASK = "text2text-generation-with-past"
 CASES = ("marian", "mbart", "pegasus", "m2m100")
@@ -29,19 +26,9 @@ def export(case: str, out: str | Path, seed: int = 0) -> Path:
     """Build the random-weight model and run optimum-cli in the optimum venv; returns OUT (the files' directory)."""
     if case not in CASES:
         raise ExportError(f"unknown case {case!r}; expected one of {', '.join(CASES)}")
-    python = ensure_venv()
-    out = Path(out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONWARNINGS": "ignore"}
-    env.pop("PYTHONPATH", None)
-    r = subprocess.run([str(python), str(Path(__file__).resolve()), "--inside", case, "-o", str(out),
-                        "--seed", str(seed)], capture_output=True, text=True, env=env)
-    (out / "export.log").write_text(r.stdout + r.stderr)
-    if r.returncode != 0 or not list(out.glob("*.onnx")):
-        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
-        raise ExportError(f"cannot export {case} with optimum (exit {r.returncode}):\n{tail}")
+    out, log = run_inside(ensure_venv(), __file__, [case], out, f"export {case} with optimum", ["--seed", str(seed)])
+    if not list(out.glob("*.onnx")):
+        raise ExportError(f"optimum-cli wrote no .onnx file in {out}:\n{log[-2000:]}")
     return out
 
 
@@ -49,15 +36,8 @@ def cached_export(case: str, seed: int = 0) -> Path:
     """The export directory of this case, made once and reused (keyed by this file's content and the case)."""
     key = hashlib.sha256(Path(__file__).read_bytes() + repr((case, seed)).encode()).hexdigest()[:12]
     out = exports_root() / f"seq2seq-{case}-{key}"
-    if (out / "export.log").exists() and list(out.glob("*.onnx")):
-        return out
-    with _locked(out):
-        if not ((out / "export.log").exists() and list(out.glob("*.onnx"))):
-            tmp = out.with_name(out.name + ".tmp")
-            export(case, tmp, seed)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-    return out
+    return cached_dir(out, lambda d: (d / "export.log").exists() and bool(list(d.glob("*.onnx"))),
+                      lambda tmp: export(case, tmp, seed))
 
 
 # ---------------------------------------------------------------- inside the optimum venv (torch, transformers)
