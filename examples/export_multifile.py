@@ -6,6 +6,7 @@ there would invalidate every cached export; this file has its own cache entries.
 
     python examples/export_multifile.py t5 -o out/t5    # encoder_model, decoder_model, decoder_with_past_model
     python examples/export_multifile.py bart -o out/bart
+    python examples/export_multifile.py marian -o out/marian    # also mbart, pegasus, m2m100
 
 optimum 2.1 writes no legacy decoder pair (text-generation-with-past gives one model.onnx even with
 --no-post-process); examples/export_optimum_legacy.py (optimum 1.27 --legacy) writes those.
@@ -21,10 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_optimum import ExportError, cached_dir, ensure_venv, exports_root, run_inside  # noqa: E402
 
-CASES = {  # name -> (task, extra optimum-cli flags)
-    "t5": ("text2text-generation-with-past", []),
-    "bart": ("text2text-generation-with-past", []),
-}
+SEQ2SEQ = "text2text-generation-with-past"
+# Further families, which differ from BART in sinusoidal position tables (Marian, Pegasus, M2M100), final_logits_bias
+# (Marian, mBART, Pegasus), scaled embeddings and pre-LayerNorm blocks (mBART, Pegasus, M2M100).
+FAMILIES = ("marian", "mbart", "pegasus", "m2m100")
+CASES = {"t5": (SEQ2SEQ, []), "bart": (SEQ2SEQ, []), **{f: (SEQ2SEQ, []) for f in FAMILIES}}  # (task, extra flags)
 
 
 def export(case: str, out: str | Path, seed: int = 0) -> Path:
@@ -80,6 +82,8 @@ def build_model(case: str, d: Path, seed: int) -> None:
                             decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
                             bos_token_id=3, decoder_start_token_id=1, forced_eos_token_id=None)
         model = tf.BartForConditionalGeneration(cfg)
+    elif case in FAMILIES:
+        model = _family(case, vocab)
     else:
         raise SystemExit(f"unknown case {case!r}")
     torch.manual_seed(seed)
@@ -87,7 +91,30 @@ def build_model(case: str, d: Path, seed: int) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+        for name, b in model.named_buffers():  # final_logits_bias is a buffer: randomize it too
+            if name.endswith("final_logits_bias"):
+                b.add_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.5)
     model.save_pretrained(d)
+
+
+def _family(case: str, vocab: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                  pad_token_id=0, eos_token_id=1, forced_eos_token_id=None)
+    if case == "marian":  # sinusoidal positions, shared embeddings, final_logits_bias, post-LN, scaled embeddings
+        return tf.MarianMTModel(tf.MarianConfig(**common, decoder_start_token_id=0, decoder_vocab_size=vocab,
+                                                scale_embedding=True, share_encoder_decoder_embeddings=True))
+    if case == "mbart":  # learned positions (offset 2), layernorm_embedding, pre-LN, final layer norms
+        return tf.MBartForConditionalGeneration(tf.MBartConfig(**common, decoder_start_token_id=1,
+                                                               scale_embedding=True))
+    if case == "pegasus":  # sinusoidal positions, pre-LN, final_logits_bias
+        return tf.PegasusForConditionalGeneration(tf.PegasusConfig(**common, decoder_start_token_id=0,
+                                                                   scale_embedding=True))
+    # m2m100: sinusoidal positions with padding offset, pre-LN, scaled embeddings
+    return tf.M2M100ForConditionalGeneration(tf.M2M100Config(**common, decoder_start_token_id=1,
+                                                             scale_embedding=True))
 
 
 def _inside(a: argparse.Namespace) -> None:

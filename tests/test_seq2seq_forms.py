@@ -22,7 +22,6 @@ from stip.runtime.multifile import MultiGenerator, generate_original, verify_fil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import export_multifile  # noqa: E402
-import export_seq2seq_families  # noqa: E402
 from export_optimum import ExportError  # noqa: E402
 
 pytestmark = pytest.mark.optimum
@@ -49,9 +48,9 @@ def _same_generation_and_verify(src: Path | list[Path], out: Path, tol: float = 
     return got
 
 
-@pytest.mark.parametrize("case", export_seq2seq_families.CASES)
+@pytest.mark.parametrize("case", export_multifile.FAMILIES)
 def test_seq2seq_families_generate_as_the_original_files(tmp_path, case):
-    src = _export(export_seq2seq_families, case)
+    src = _export(export_multifile, case)
     report = compile_files([src], tmp_path / "b")  # the directory: encoder + merged decoder (both roles)
     assert set(report["files"]) == {"encoder", "decoder", "decoder_with_past"}
     _same_generation_and_verify(src, tmp_path / "b")
