@@ -6,8 +6,8 @@ GPU; only the last position's logits come back to the host (the user needs them 
 cache never makes a host round trip between tokens. On the STIP side, pre.onnx and post.onnx run on the user's
 CPU as they would in deployment; the server graph runs on the GPU.
 
-Not run in CI, and not run by its author (no GPU was available): on a machine with an NVIDIA GPU and
-onnxruntime-gpu,
+Not run in CI (no GPU there). Run on an H200 on 2026-11-29 through benchmarks/gpu_check.py (figures in
+benchmarks/README.md). On a machine with an NVIDIA GPU and onnxruntime-gpu,
 
     python benchmarks/bench_gpu.py                        # the fp16 ~670M Llama of bench_llm_scale.py
     python benchmarks/bench_gpu.py --model m.onnx --bundle out/ --tokens 64 --prompt 128
