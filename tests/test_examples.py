@@ -35,3 +35,28 @@ def test_export_script_cli(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.exists()
+
+
+def test_readme_several_files_block_runs_as_written(tmp_path):
+    """The README's "several files" commands, line by line (all but the long-running `stip serve`), in a fresh
+    directory: export a tiny T5 with optimum, inspect, compile, generate, verify."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "export_multifile.py t5" in b)
+    lines = [ln.split("  #")[0].strip() for ln in block.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("stip serve")]
+    assert len(lines) >= 5 and lines[0].startswith("python examples/export_multifile.py")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    for ln in lines:
+        argv = shlex.split(ln)
+        if argv[0] == "python":
+            argv = [sys.executable, str(ROOT / argv[1]), *argv[2:]]
+        else:
+            assert argv[0] == "stip", ln
+            argv = [sys.executable, "-m", "stip.compiler.cli", *argv[1:]]
+        r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, f"{ln}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+        if argv[3:4] == ["verify"]:
+            assert "PASS" in r.stdout
