@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,82 +32,85 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-class BoundCache:
-    """A decoder session run through IO binding; its KV cache stays where the device put it."""
-
-    def __init__(self, session, device: str, batch: int = 1):
-        import onnxruntime as ort
-
-        from stip.runtime.bundle_format import pair_cache
-        from stip.runtime.cache import empty_past
-
-        self.session, self.device = session, device
-        ins = {i.name: i for i in session.get_inputs()}
-        self.outputs = [o.name for o in session.get_outputs()]
-        self.pairs = pair_cache(list(ins), self.outputs, "graph")
-        self.cache_out = {o: p for p, o in self.pairs}
-        self.inputs = [n for n in ins if n not in dict(self.pairs)]
-        self.past = {p: ort.OrtValue.ortvalue_from_numpy(empty_past(ins[p], batch), device, 0) for p, _ in self.pairs}
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        b = self.session.io_binding()
-        for n in self.inputs:
-            b.bind_cpu_input(n, np.ascontiguousarray(feeds[n]))
-        for p, v in self.past.items():
-            b.bind_ortvalue_input(p, v)
-        for o in self.outputs:
-            b.bind_output(o, self.device if o in self.cache_out else "cpu", 0)
-        self.session.run_with_iobinding(b)
-        out = {}
-        for name, v in zip(self.outputs, b.get_outputs()):
-            if name in self.cache_out:
-                self.past[self.cache_out[name]] = v  # stays on the device for the next token
-            else:
-                out[name] = v.numpy()
-        return out
+@dataclass
+class Run:
+    ids: list[int]
+    times: list[float]
+    providers: list[str]
+    cache_device: str  # where the KV cache lived between tokens
 
 
-def _timed(fn, times: list[float]):
-    def run(feeds):
+def server_state(session, device: str):
+    """`stip serve`'s own per-sequence state with IO binding (runtime.serve_sequences.BoundCache): each step binds
+    the new token's inputs from the host and the previous `present.*` OrtValues as `past_key_values.*`, so the cache
+    stays on the device, and only the non-cache outputs (logits) come back to the host."""
+    from stip.runtime.axes import cache_past_axis
+    from stip.runtime.bundle_format import pair_cache
+    from stip.runtime.serve_sequences import BoundCache
+
+    ins = {i.name: list(i.shape) for i in session.get_inputs()}
+    outs = {o.name: list(o.shape) for o in session.get_outputs()}
+    pairs = pair_cache(list(ins), list(outs), "graph")
+    axis = next((cache_past_axis(ins[p], outs[o]) for p, o in pairs), None)
+    return BoundCache(session, pairs, 1, device, axis)
+
+
+class _Client:
+    """pre before and post after each server step, on the user's CPU as in deployment."""
+
+    def __init__(self, client_dir: Path):
+        from stip.runtime.bundle import Client
+
+        self.client = Client(client_dir, device="cpu")
+        self.input_names = self.client.input_names
+
+    def wrap(self, server_step, state):
+        def step(feeds):
+            to_server, kept = self.client.prepare(feeds, state.past_length)
+            returned = {k: v[:, -1:] if v.ndim == 3 else v for k, v in server_step(to_server).items()}
+            return self.client.finish(returned, kept)
+        return step
+
+
+def _greedy(session, device: str, prompt: list[int], tokens: int, client: _Client | None = None) -> Run:
+    """Greedy decoding through the server state, each step timed; with a client, its pre and post run around
+    every server step (STIP), and the time includes them."""
+    from stip.runtime.generate import Sampler, decode
+
+    state = server_state(session, device)
+
+    def step(feeds):
+        result, past = state.step(feeds)
+        state.commit(past)
+        return result
+
+    times: list[float] = []
+    run = client.wrap(step, state) if client else step
+    names = client.input_names if client else state.inputs
+
+    def timed(feeds):
         t = time.perf_counter()
-        out = fn(feeds)
+        out = run(feeds)
         times.append(time.perf_counter() - t)
         return out
-    return run
+
+    ids = list(decode(timed, names, prompt, tokens, Sampler(), True))
+    cache = next(iter(state.past.values())).device_name() if state.past else "none"
+    return Run(ids, times, session.get_providers(), cache)
 
 
-def plaintext(model: Path, device: str, prompt: list[int], tokens: int) -> tuple[list[int], list[float], list[str]]:
-    from stip.runtime.generate import Sampler, decode
+def plaintext(model: Path, device: str, prompt: list[int], tokens: int) -> Run:
     from stip.runtime.sessions import make_session
 
-    sess = make_session(model, device)
-    seq = BoundCache(sess, device)
-    times: list[float] = []
-    ids = list(decode(_timed(seq.run, times), seq.inputs, prompt, tokens, Sampler(), True))
-    return ids, times, sess.get_providers()
+    return _greedy(make_session(model, device), device, prompt, tokens)
 
 
-def stip(bundle: Path, device: str, prompt: list[int], tokens: int) -> tuple[list[int], list[float], list[str]]:
-    from stip.runtime.bundle import Client
+def stip(bundle: Path, device: str, prompt: list[int], tokens: int) -> Run:
     from stip.runtime.bundle_format import Layout
-    from stip.runtime.generate import Sampler, decode
     from stip.runtime.sessions import make_session
 
     lay = Layout(bundle)
-    client = Client(lay.client_dir, device="cpu")
-    sess = make_session(lay.server_model, device)
-    seq = BoundCache(sess, device)
-    fed = [0]
-
-    def step(feeds):
-        to_server, kept = client.prepare(feeds, fed[0])
-        returned = {k: v[:, -1:] if v.ndim == 3 else v for k, v in seq.run(to_server).items()}
-        fed[0] += int(feeds["input_ids"].shape[1])
-        return client.finish(returned, kept)
-
-    times: list[float] = []
-    ids = list(decode(_timed(step, times), client.input_names, prompt, tokens, Sampler(), True))
-    return ids, times, sess.get_providers()
+    return _greedy(make_session(lay.server_model, device), device, prompt, tokens, _Client(lay.client_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,16 +143,16 @@ def main(argv: list[str] | None = None) -> int:
 
             bundle = Path(tmp) / "bundle"
             compile_model(a.model, bundle, check=False)
-        plain_ids, plain_t, plain_prov = plaintext(a.model, a.device, prompt, a.tokens)
-        stip_ids, stip_t, stip_prov = stip(bundle, a.device, prompt, a.tokens)
+        plain = plaintext(a.model, a.device, prompt, a.tokens)
+        ours = stip(bundle, a.device, prompt, a.tokens)
     want = "CUDAExecutionProvider" if a.device == "cuda" else "CPUExecutionProvider"
-    if plain_prov[0] != want or stip_prov[0] != want:
-        raise SystemExit(f"sessions run on {plain_prov[0]} / {stip_prov[0]}, not {want}: no figures reported")
+    if plain.providers[0] != want or ours.providers[0] != want:
+        raise SystemExit(f"sessions run on {plain.providers[0]} / {ours.providers[0]}, not {want}: no figures reported")
     res = {"device": a.device, "provider": want, "model": str(a.model), "prompt": a.prompt, "tokens": a.tokens,
-           "greedy_equal": plain_ids == stip_ids,
-           "plain_prefill_ms": 1e3 * plain_t[0], "stip_prefill_ms": 1e3 * stip_t[0],
-           "plain_token_ms": 1e3 * statistics.median(plain_t[1:]),
-           "stip_token_ms": 1e3 * statistics.median(stip_t[1:])}
+           "greedy_equal": plain.ids == ours.ids,
+           "plain_prefill_ms": 1e3 * plain.times[0], "stip_prefill_ms": 1e3 * ours.times[0],
+           "plain_token_ms": 1e3 * statistics.median(plain.times[1:]),
+           "stip_token_ms": 1e3 * statistics.median(ours.times[1:])}
     res["overhead"] = res["stip_token_ms"] / res["plain_token_ms"]
     if a.json:
         print(json.dumps(res, indent=2))

@@ -3,9 +3,9 @@
 1. Equivalence on the CUDA EP: tiny BERT, GPT-2 and Llama (fp32, and the Llama in fp16) are compiled here, then
    `verify(device="cuda")` runs the original and the bundle's server graph on the GPU (pre/post on the GPU too);
    the figures are reported against verify's CPU tolerances and the dtype's self-check tolerance.
-2. The server's IO-binding path: `stip serve`'s own per-sequence state (`Model.new_state`, which keeps the
-   permuted KV cache on the device as OrtValues) drives greedy decoding on CUDA; the tokens must equal the
-   original model's greedy tokens on the CPU and on CUDA.
+2. The server's IO-binding path: `stip serve`'s own per-sequence state (serve_sequences.BoundCache, which keeps
+   the permuted KV cache on the device as OrtValues; bench_gpu drives it) decodes greedily on CUDA; the tokens
+   must equal the original model's greedy tokens on the CPU and on CUDA.
 3. The benchmark (benchmarks/bench_gpu.py): per-token latency of STIP against plaintext, fp16, on the CUDA EP.
 
     python benchmarks/gpu_check.py [--skip-bench] [--json OUT.json]
@@ -49,42 +49,6 @@ def _tiny_models(work: Path) -> dict[str, Path]:
     return out
 
 
-def _greedy_plain(model: Path, device: str, prompt: list[int]) -> list[int]:
-    from bench_gpu import BoundCache
-
-    from stip.runtime.generate import Sampler, decode
-    from stip.runtime.sessions import make_session
-
-    sess = make_session(model, device)
-    seq = BoundCache(sess, device)
-    return list(decode(seq.run, seq.inputs, prompt, TOKENS, Sampler(), True))
-
-
-def _greedy_served(bundle: Path, prompt: list[int], device: str) -> tuple[list[int], list[str], str]:
-    """Greedy decoding through the server's own sequence state on CUDA; pre/post on the CPU as a user runs them."""
-    from stip.runtime.bundle import Client
-    from stip.runtime.bundle_format import Layout
-    from stip.runtime.generate import Sampler, decode
-    from stip.runtime.serve_model import Model
-
-    lay = Layout(bundle)
-    client = Client(lay.client_dir, device="cpu")
-    model = Model("stip", lay.server_dir, device=device, io_binding="on")
-    state = model.new_state(1)
-    fed = [0]
-
-    def step(feeds):
-        to_server, kept = client.prepare(feeds, fed[0])
-        result, past = state.step(to_server)
-        state.commit(past)
-        fed[0] += int(feeds["input_ids"].shape[1])
-        return client.finish(result, kept)
-
-    ids = list(decode(step, client.input_names, prompt, TOKENS, Sampler(), True))
-    where = next(iter(state.past.values())).device_name() if state.past else "none"
-    return ids, model.providers, where
-
-
 def _cli(argv: list[str]) -> int:
     """The CLI as a user runs it (its output goes to this run's log)."""
     from stip.compiler.cli import main
@@ -96,6 +60,8 @@ def _cli(argv: list[str]) -> int:
 
 
 def equivalence(work: Path, device: str) -> list[dict]:
+    import bench_gpu
+
     from stip.compiler.pipeline import compile_model
     from stip.compiler.selfcheck import output_tolerances
     from stip.runtime.verify import verify
@@ -121,9 +87,10 @@ def equivalence(work: Path, device: str) -> list[dict]:
 
         vocab = index_range(load_graph(model), "input_ids")
         prompt = np.random.default_rng(1).integers(0, vocab, size=5).tolist()
-        cpu = _greedy_plain(model, "cpu", prompt)
-        gpu = _greedy_plain(model, device, prompt)
-        served, providers, cache_on = _greedy_served(bundle, prompt, device)
+        cpu = bench_gpu.plaintext(model, "cpu", prompt, TOKENS).ids
+        gpu = bench_gpu.plaintext(model, device, prompt, TOKENS).ids
+        run = bench_gpu.stip(bundle, device, prompt, TOKENS)  # the server's own IO-bound sequence state
+        served, providers, cache_on = run.ids, run.providers, run.cache_device
         gen_rc = _cli(["generate", str(bundle), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "8",
                        "--device", device])
         rows.append({"model": name, "cli": "stip generate --device " + device, "rc": gen_rc})
