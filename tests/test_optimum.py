@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import export_optimum
 import numpy as np
 import onnx
 import pytest
@@ -28,12 +29,7 @@ PROMPT = [5, 9, 17, 3, 44]
 DECODERS = ["gpt2", "llama", "qwen2"]
 EXPECTED = (AssertionError, StipError)  # how a known compiler gap shows; a failed optimum export is not absorbed
 XFAIL: dict[tuple[str, str], str] = {}  # (arch, task) -> the compiler gap that still refuses it
-CASES = [("bert", "feature-extraction"), ("bert", "text-classification"), ("bert", "token-classification"),
-         ("bert", "question-answering"), ("distilbert", "fill-mask"), ("roberta", "text-classification"),
-         ("vit", "image-classification"), ("gpt2", "text-generation-with-past"),
-         ("llama", "text-generation-with-past"), ("qwen2", "text-generation-with-past"),
-         ("st-bert", "feature-extraction"), ("electra", "token-classification"), ("bert", "multiple-choice"),
-         ("beit", "image-classification"), ("deit", "image-classification"), ("opt", "text-generation-with-past")]
+CASES = export_optimum.CASES  # the (arch, task) pairs the export script documents as covered
 
 
 def stip(*args) -> subprocess.CompletedProcess:
