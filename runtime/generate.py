@@ -85,7 +85,22 @@ def decode(step: Step, input_names: list[str], prompt: list[int], max_new_tokens
         yield token
 
 
-class StipGenerator:
+class TokenText:
+    """Text in and out through the tokenizer a bundle ships (`self.tokenizer`, or None: ids only); shared by the
+    one-file and the multi-file generators."""
+
+    tokenizer = None
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise StipError("this bundle has no tokenizer (compile with --tokenizer DIR); use --prompt-ids")
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else " ".join(map(str, ids))
+
+
+class StipGenerator(TokenText):
     """The user's side of private generation against a server (in-process here; over HTTP in serving)."""
 
     def __init__(self, bundle_dir: str | Path, device: str = "auto", server=None, threads: int = 0):
@@ -102,14 +117,6 @@ class StipGenerator:
         self.tokenizer = None
         if man.get("tokenizer"):
             self.tokenizer = _load_tokenizer(client_dir / man["tokenizer"])
-
-    def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise StipError("this bundle has no tokenizer (compile with --tokenizer DIR); use --prompt-ids")
-        return list(self.tokenizer.encode(text).ids)
-
-    def decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else " ".join(map(str, ids))
 
     def check(self, prompt: list[int], max_new_tokens: int) -> None:
         if not prompt:

@@ -24,6 +24,7 @@ from stip.runtime.bundle_format import (
     model_key_id,
 )
 from stip.runtime.errors import StipError
+from stip.runtime.generate import Sampler, TokenText, _load_tokenizer
 from stip.runtime.sessions import make_session, run
 
 
@@ -244,14 +245,12 @@ def verify_files(bundle_dir: str | Path, files: dict[str, Path], *, batch: int =
     return compare(results["original"], results["bundle"], atol, rtol)
 
 
-class MultiGenerator:
+class MultiGenerator(TokenText):
     """`stip generate` for bundles of several files: encode on the server, then decode with the self-attention
     and cross-attention caches held by the server; the user's side sees only its own ids and the logits."""
 
     def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: int = 0, start_id: int | None = None,
                  server=None):
-        from stip.runtime.generate import _load_tokenizer
-
         self.dep = MultiDeployment(bundle_dir, device, threads, server)
         man = self.dep.manifest
         gen = man.get("generation") or {}
@@ -262,17 +261,7 @@ class MultiGenerator:
         self.vocab = first.vocab_size.get("input_ids")
         self.tokenizer = _load_tokenizer(self.dep.client_dir / man.tokenizer) if man.tokenizer else None
 
-    def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise StipError("this bundle has no tokenizer (compile with --tokenizer DIR); use --prompt-ids")
-        return list(self.tokenizer.encode(text).ids)
-
-    def decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else " ".join(map(str, ids))
-
     def generate(self, prompt: list[int], max_new_tokens: int, sampler=None) -> Iterator[int]:
-        from stip.runtime.generate import Sampler
-
         if not prompt:
             raise StipError("empty prompt")
         bad = [t for t in prompt if self.vocab is not None and not 0 <= t < self.vocab]
