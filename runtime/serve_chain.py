@@ -20,7 +20,7 @@ from stip.runtime.bundle_format import CHAIN_PROP, SERVER_DIR, SERVER_MODEL, exp
 from stip.runtime.errors import StipError
 from stip.runtime.serve_model import Model
 from stip.runtime.serve_protocol import RequestError, encode_response, parse_request, sequence_params
-from stip.runtime.serve_sequences import Sequence, check_id, ort_errors
+from stip.runtime.serve_sequences import check_id, ort_errors
 
 
 def chain_roles(path: str | Path) -> list[Path] | None:
@@ -108,18 +108,11 @@ class ChainModel(Model):
             p.batch = int(p.feeds[self.batch_source].shape[0])
         else:
             p.batch = next((int(v.shape[0]) for v in p.feeds.values() if np.ndim(v) >= 2), 1)  # not a shape vector
-        if p.start:
-            if self.role != self.roles[0]:
-                raise RequestError(400, f"a sequence of this model starts with model '{first}', not '{self.name}'")
-            self.sequences.check_room(key)
-            seq = Sequence(ChainState(), p.batch)
-        else:
-            seq = self.sequences.get(key, self.name)
+        if p.start and self.role != self.roles[0]:
+            raise RequestError(400, f"a sequence of this model starts with model '{first}', not '{self.name}'")
+        seq = self.sequences.open(key, self.name, p.start, p.batch, ChainState)
         with seq.lock:
-            if not seq.alive:
-                raise RequestError(400, "unknown sequence id: it ended or idled out while this request waited")
-            if seq.batch != p.batch:
-                raise RequestError(400, f"this sequence has batch {seq.batch}, this request has {p.batch}")
+            seq.check(p.batch)
             missing = [n for n in self.state_inputs if n not in seq.state.values]
             if missing:
                 raise RequestError(400, f"this sequence holds no '{missing[0]}' yet: run the model's files in order "

@@ -25,7 +25,7 @@ from stip.runtime.serve_protocol import (
     sequence_params,
     tensor_spec,
 )
-from stip.runtime.serve_sequences import BoundCache, HostCache, Sequence, SequenceStore, check_id, ort_errors
+from stip.runtime.serve_sequences import BoundCache, HostCache, SequenceStore, check_id, ort_errors
 from stip.runtime.sessions import make_session
 
 log = logging.getLogger("stip.serve")
@@ -203,16 +203,9 @@ class Model:
             out = self._run_once(p, lambda: self.new_state(p.batch).step(p.feeds)[0], encode)
             self.sequences.discard(key)
             return out
-        if p.start:
-            self.sequences.check_room(key)
-            seq = Sequence(self.new_state(p.batch), p.batch)
-        else:
-            seq = self.sequences.get(key, self.name)
+        seq = self.sequences.open(key, self.name, p.start, p.batch, lambda: self.new_state(p.batch))
         with seq.lock:
-            if not seq.alive:
-                raise RequestError(400, "unknown sequence id: it ended or idled out while this request waited")
-            if seq.batch != p.batch:
-                raise RequestError(400, f"this sequence has batch {seq.batch}, this request has {p.batch}")
+            seq.check(p.batch)
             past = seq.state.past_length
             self._check_step(p, past)
             held = seq.held if not p.start else 0

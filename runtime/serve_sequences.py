@@ -130,6 +130,13 @@ class Sequence:
         self.alive = True
         self.held = 0
 
+    def check(self, batch: int) -> None:
+        """Under its lock, before a step: still live (not ended or reaped while the request waited), same batch."""
+        if not self.alive:
+            raise RequestError(400, "unknown sequence id: it ended or idled out while this request waited")
+        if self.batch != batch:
+            raise RequestError(400, f"this sequence has batch {self.batch}, this request has {batch}")
+
 
 Key = tuple[str, int | str]   # (owner, sequence_id)
 
@@ -165,6 +172,14 @@ class SequenceStore:
     def check_room(self, key: Key) -> None:
         with self.lock:
             self._room(key)
+
+    def open(self, key: Key, model: str, start: bool, batch: int, new_state) -> Sequence:
+        """The request's sequence: on a start, a new one if there is room (registered only after its first step
+        succeeds); otherwise the owner's live one."""
+        if start:
+            self.check_room(key)
+            return Sequence(new_state(), batch)
+        return self.get(key, model)
 
     def get(self, key: Key, model: str) -> Sequence:
         """The owner's live sequence; the same error whether the id was never used or is someone else's."""
