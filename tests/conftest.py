@@ -69,29 +69,35 @@ def bert_bundle(zoo, tmp_path_factory):
     return model, out
 
 
+def _fails_loudly(ensure_venv, what: str, export):
+    """export(...) behind a venv built once per session (without an index it fails fast after the first try); a
+    venv or an export that cannot be made fails the test, never skips it."""
+    venv: list[str | None] = []
+
+    def get(*args, **kw) -> Path:
+        if not venv:
+            try:
+                ensure_venv()
+                venv.append(None)
+            except export_optimum.ExportError as e:
+                venv.append(str(e))
+        if venv[0]:
+            pytest.fail(f"the {what} venv could not be built: {venv[0]}", pytrace=False)
+        try:
+            return export(*args, **kw)
+        except export_optimum.ExportError as e:
+            pytest.fail(f"{what} export of {' '.join(map(str, args))} failed: {e}", pytrace=False)
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def optimum_model():
     """`get(arch, task)`: model.onnx exported by optimum-cli in its own venv. Both the venv and the exports are
     cached on disk by content (~/.cache/stip, see examples/export_optimum.py), so later runs reuse them. A venv
     that cannot be built fails the tests loudly: they are part of the suite, never silently skipped."""
-
-    venv: list[str | None] = []  # the build is tried once per session: without an index it fails fast after
-
-    def get(arch: str, task: str, extra: list[str] | None = None) -> Path:
-        if not venv:
-            try:
-                export_optimum.ensure_venv()
-                venv.append(None)
-            except export_optimum.ExportError as e:
-                venv.append(str(e))
-        if venv[0]:
-            pytest.fail(f"the optimum venv could not be built: {venv[0]}", pytrace=False)
-        try:
-            return export_optimum.cached_export(arch, task, extra=extra)
-        except export_optimum.ExportError as e:
-            pytest.fail(f"optimum export of {arch} {task} failed: {e}", pytrace=False)
-
-    return get
+    return _fails_loudly(export_optimum.ensure_venv, "optimum",
+                         lambda arch, task, extra=None: export_optimum.cached_export(arch, task, extra=extra))
 
 
 @pytest.fixture(scope="session")
@@ -100,21 +106,5 @@ def optimum_legacy():
     (decoder_model.onnx, decoder_with_past_model.onnx, decoder_model_merged.onnx, config and tokenizer), made in
     its own cached venv (examples/export_optimum_legacy.py) and cached on disk by content. Fails loudly, like
     optimum_model, when the venv cannot be built."""
-
-    venv: list[str | None] = []
-
-    def get(arch: str, task: str = export_optimum_legacy.TASK) -> Path:
-        if not venv:
-            try:
-                export_optimum_legacy.ensure_venv()
-                venv.append(None)
-            except export_optimum.ExportError as e:
-                venv.append(str(e))
-        if venv[0]:
-            pytest.fail(f"the optimum 1.27 venv could not be built: {venv[0]}", pytrace=False)
-        try:
-            return export_optimum_legacy.cached_export(arch, task)
-        except export_optimum.ExportError as e:
-            pytest.fail(f"optimum 1.27 --legacy export of {arch} {task} failed: {e}", pytrace=False)
-
-    return get
+    return _fails_loudly(export_optimum_legacy.ensure_venv, "optimum 1.27 --legacy",
+                         lambda arch, task=export_optimum_legacy.TASK: export_optimum_legacy.cached_export(arch, task))
