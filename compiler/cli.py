@@ -52,18 +52,24 @@ def cmd_compile(a: argparse.Namespace) -> int:
     sizes = report["bundle_sizes"]
     print(f"wrote {a.output}  key id {report['key_id']}  {len(report['spaces'])} spaces, "
           f"{report['layers']} attention layers, {report['permuted_weights']} permuted weights")
-    print(f"  server/                {sizes['server_bytes'] / 2**20:8.1f} MiB  permuted weights, no key")
-    print(f"  client/                {sizes['client_bytes'] / 2**20:8.1f} MiB  pre.onnx + post.onnx, for users")
-    print("  developer/key.npz                    the key (mode 0600): never ship it")
     chk = report["self_check"]
+    checked = None
     if isinstance(chk, dict):
         worst = max(chk["outputs"], key=lambda r: r["max_abs"] / max(r["tolerance"], 1e-30))
-        print(f"checked: pre -> server -> post matches the original on {len(chk['outputs'])} outputs (batch "
-              f"{chk['batch']}, {chk['seq']} tokens; largest diff {worst['max_abs']:.2g} on '{worst['output']}')")
-    else:
-        print("not checked (--no-check): run `stip verify` before shipping the bundle")
-    print(f"next: stip verify {a.output} --original {a.model}")
+        checked = (f"pre -> server -> post matches the original on {len(chk['outputs'])} outputs (batch "
+                   f"{chk['batch']}, {chk['seq']} tokens; largest diff {worst['max_abs']:.2g} on '{worst['output']}')")
+    _print_bundle(a.output, sizes, "pre.onnx + post.onnx, for users", checked, a.model)
     return 0
+
+
+def _print_bundle(out: str, sizes: dict, client: str, checked: str | None, original: str) -> None:
+    """The lines after `wrote ...` that one-file and multi-file compiles share: who gets what, the check, next."""
+    print(f"  server/                {sizes['server_bytes'] / 2**20:8.1f} MiB  permuted weights, no key")
+    print(f"  client/                {sizes['client_bytes'] / 2**20:8.1f} MiB  {client}")
+    print("  developer/key.npz                    the key (mode 0600): never ship it")
+    print(f"checked: {checked}" if checked else
+          "not checked (--no-check): run `stip verify` before shipping the bundle")
+    print(f"next: stip verify {out} --original {original}")
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -133,19 +139,29 @@ def _compile_files(a: argparse.Namespace) -> int:
     sizes = report["bundle_sizes"]
     print(f"wrote {a.output}  key id {report['key_id']}  {len(report['files'])} files "
           f"({', '.join(report['files'])}), {len(report['links'])} server-held tensors between them")
-    print(f"  server/                {sizes['server_bytes'] / 2**20:8.1f} MiB  permuted weights, no key")
-    print(f"  client/                {sizes['client_bytes'] / 2**20:8.1f} MiB  pre/post per file, for users")
-    print("  developer/key.npz                    the key (mode 0600): never ship it")
     chk = report["self_check"]
+    checked = None
     if isinstance(chk, dict):
         worst = max(chk["outputs"], key=lambda r: r["max_abs"])
         what = "encode, prefill and decode" if "encoder" in report["files"] else "prefill and decode"
-        print(f"checked: {what} through the bundle match the original files on {len(chk['outputs'])} decoder "
-              f"calls (largest diff {worst['max_abs']:.2g} on '{worst['output']}')")
-    else:
-        print("not checked (--no-check): run `stip verify` before shipping the bundle")
-    print(f"next: stip verify {a.output} --original {' '.join(a.model)}")
+        checked = (f"{what} through the bundle match the original files on {len(chk['outputs'])} decoder calls "
+                   f"(largest diff {worst['max_abs']:.2g} on '{worst['output']}')")
+    _print_bundle(a.output, sizes, "pre/post per file, for users", checked, " ".join(a.model))
     return 0
+
+
+def _default_tolerances(a: argparse.Namespace, originals) -> bool:
+    """Fills a left-out --atol/--rtol with the precision the originals compute in, as the self-check judges them
+    (fp16 and bf16 sum with ~1e-3 and ~1e-2 rounding, not fp32's 1e-7; quantized activations a few steps).
+    True when both were left out."""
+    if a.atol is not None and a.rtol is not None:
+        return False
+    from stip.compiler.selfcheck import output_tolerances
+
+    floor = max([1e-4, *(t for f in set(originals) for t in output_tolerances(f).values())])
+    a.atol = floor if a.atol is None else a.atol
+    a.rtol = floor if a.rtol is None else a.rtol
+    return a.atol == a.rtol == floor
 
 
 def _verify_files(a: argparse.Namespace) -> int:
@@ -153,13 +169,7 @@ def _verify_files(a: argparse.Namespace) -> int:
     from stip.runtime.multifile import verify_files
 
     files = discover([Path(p) for p in a.original])
-    if a.atol is None or a.rtol is None:
-        from stip.compiler.selfcheck import output_tolerances
-
-        # as for one file: the least precise float any of the files computes in
-        floor = max([1e-4, *(t for f in set(files.values()) for t in output_tolerances(f).values())])
-        a.atol = floor if a.atol is None else a.atol
-        a.rtol = floor if a.rtol is None else a.rtol
+    _default_tolerances(a, files.values())
     checks = verify_files(a.bundle, files, batch=a.batch, seq=a.seq,
                           steps=a.past, seed=a.seed, atol=a.atol, rtol=a.rtol, device=a.device)
     ok = all(c.ok for c in checks)
@@ -200,15 +210,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
                             "it was compiled from")
         a.original = str(one)
     quantized = None
-    if a.atol is None or a.rtol is None:
-        from stip.compiler.selfcheck import output_tolerances
-
-        # the precision the graph computes in: fp16 and bf16 sum with ~1e-3 and ~1e-2 rounding, not fp32's 1e-7
-        floor = max([1e-4, *output_tolerances(a.original).values()])
-        a.atol = floor if a.atol is None else a.atol
-        a.rtol = floor if a.rtol is None else a.rtol
-        if a.atol == a.rtol == floor:  # both defaults: activations quantized at run time are judged as compile does
-            quantized = quantized_activation(onnx.load(str(a.original), load_external_data=False))
+    if _default_tolerances(a, [a.original]):  # activations quantized at run time are judged as compile does
+        quantized = quantized_activation(onnx.load(str(a.original), load_external_data=False))
     checks = verify(a.bundle, a.original, batch=a.batch, seq=a.seq, seed=a.seed, atol=a.atol, rtol=a.rtol,
                     device=a.device, past=a.past)
 
