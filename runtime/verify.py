@@ -57,7 +57,8 @@ def _attr(n, name, default):
 
 
 def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: int = 0,
-                 past: int = 0, axes: dict[str, list[Role]] | None = None, session=None) -> dict[str, np.ndarray]:
+                 past: int = 0, axes: dict[str, list[Role]] | None = None, session=None,
+                 graph=None) -> dict[str, np.ndarray]:
     """Inputs of the right dtypes and sizes: ids within the vocabulary, masks with padding, positions after the
     cache, Gaussian floats (and a random KV cache of `past` positions for decoders exported with one).
 
@@ -65,7 +66,7 @@ def random_feeds(model_path: str | Path, batch: int = 3, seq: int = 13, seed: in
     tokens, `past` cached ones, a total of past + seq, or a size the model requires (an image's height)."""
     from stip.passes.graph import load_graph
 
-    g = load_graph(model_path)
+    g = graph if graph is not None else load_graph(model_path)  # a caller's graph: shapes inferred once
     if axes is None:
         from stip.passes.axes import input_axes
 
@@ -147,18 +148,19 @@ def verify(bundle_dir: str | Path, original: str | Path, *, batch: int = 3, seq:
 
 def _verify(bundle_dir, original, batch: int, seq: int, seed: int, atol: float, rtol: float, device: str,
             past: int) -> list[OutputCheck]:
+    from stip.passes.graph import load_graph
     from stip.runtime.bundle_format import CLIENT_MANIFEST, Manifest, find_client_dir
+    from stip.runtime.segmented import session_for
 
     manifest = Manifest.read(find_client_dir(bundle_dir) / CLIENT_MANIFEST)
     cached = bool(manifest.cache)
     cache_inputs = {p for p, _ in manifest.cache}
-    from stip.runtime.segmented import session_for
-
     sess = session_for(original, device)  # in segments of bounded memory when the model is large
     same_interface(manifest, sess, original, bundle_dir)
     steps = ((past, 0), (seq, past)) if cached else ((seq, 0),)
+    graph = load_graph(original)  # one symbolic shape inference for every step's inputs
     feeds = [{k: v for k, v in random_feeds(original, batch, length, seed + i, past=start, axes=manifest.axes,
-                                            session=sess).items() if k not in cache_inputs}
+                                            session=sess, graph=graph).items() if k not in cache_inputs}
              for i, (length, start) in enumerate(steps) if length]
     ref = _run_original(sess, original, _as_fed(sess, feeds, steps, manifest.fixed_inputs), cached, batch)
     del sess
